@@ -1,0 +1,184 @@
+//! Reads and writes the reference's safetensors checkpoints: the model file (`diffuser.*`) and
+//! the text projection file (`text_encoder.*`), float32 on disk whatever the training dtype.
+//! Dimensions are detected from tensor shapes, as the reference's loader does.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
+use crate::params::ParamStore;
+
+/// File name of the text projection beside a model file (the reference's name).
+pub const TEXT_FILE: &str = "text_encoder.safetensors";
+
+/// Every tensor of a safetensors file, on the CPU in its stored dtype. Errors name the file.
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.is_empty() {
+        bail!("{} is empty, not a safetensors checkpoint", path.display());
+    }
+    safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow!(
+            "{} is not a valid safetensors file (truncated or another format): {e}",
+            path.display()
+        )
+    })?;
+    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("cannot decode the tensors of {}", path.display()))
+}
+
+fn dims<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Option<&'a [usize]> {
+    t.get(name).map(|x| x.dims())
+}
+
+fn count(t: &HashMap<String, Tensor>, prefix: &str, suffix: &str) -> usize {
+    (0..)
+        .take_while(|i| t.contains_key(&format!("{prefix}{i}{suffix}")))
+        .count()
+}
+
+/// The model dimensions implied by a checkpoint's tensor shapes (the reference's
+/// `_detect_config`). The compressor's head count is not recorded in a checkpoint; like the
+/// reference, it is taken to be 8.
+pub fn detect_config(t: &HashMap<String, Tensor>) -> Result<ModelConfig> {
+    let mut cfg = ModelConfig::default();
+    let latent = "diffuser.compressor.latent_proj.0.0.weight";
+    cfg.vae_dim = match dims(t, latent) {
+        Some([o, ..]) if o % 5 == 0 => o / 5,
+        Some(d) => bail!("{latent} has shape {d:?}: its first dimension is not 5 x vae_dim"),
+        None => bail!("no {latent}: cannot detect the VAE dimension (not a FluxFlow model file?)"),
+    };
+    cfg.downscales = count(t, "diffuser.compressor.encoder_z.", ".0.weight");
+    cfg.upscales = count(t, "diffuser.expander.upscale.layers.", ".conv1.0.weight");
+    cfg.vae_attn_layers = count(t, "diffuser.compressor.token_attn.", ".attn.in_proj_weight");
+    let v2d = "diffuser.flow_processor.vae_to_dmodel.weight";
+    cfg.flow_dim = match dims(t, v2d) {
+        Some([o, _]) => *o,
+        _ => bail!("no {v2d} of rank 2: cannot detect the flow dimension"),
+    };
+    cfg.flow_layers = count(
+        t,
+        "diffuser.flow_processor.transformer_blocks.",
+        ".self_attn.q_proj.weight",
+    );
+    let inv = "diffuser.flow_processor.transformer_blocks.0.rotary_pe.inv_freq";
+    if let Some([half]) = dims(t, inv) {
+        if *half == 0 || cfg.flow_dim % (2 * half) != 0 {
+            bail!("{inv} has {half} entries, which does not divide flow_dim {}", cfg.flow_dim);
+        }
+        cfg.flow_heads = cfg.flow_dim / (2 * half);
+    }
+    if let Some([_, e]) = dims(t, "diffuser.flow_processor.text_proj.weight") {
+        cfg.text_embedding_dim = *e;
+    }
+    if let Some([_, h]) = dims(t, "text_encoder.ouput_layer.0.weight") {
+        cfg.text_hidden = *h;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// A model loaded from a checkpoint, and where its text projection came from.
+pub struct Loaded {
+    pub model: FluxModel,
+    /// The file the text projection was read from; `None` when it was freshly initialised.
+    pub text_source: Option<PathBuf>,
+}
+
+/// Loads a model file (and its text projection: from the same file if it holds
+/// `text_encoder.*`, else from `text_encoder.safetensors` beside it, else fresh). Every
+/// `diffuser.*` tensor must be there with the right shape and no other `diffuser.*` tensor may
+/// be; tensors under other prefixes are ignored.
+pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    let mut tensors = read_tensors(path)?;
+    let cfg = detect_config(&tensors)
+        .with_context(|| format!("cannot detect the model dimensions of {}", path.display()))?;
+    let mut text_source = None;
+    if tensors.keys().any(|k| k.starts_with(TEXT)) {
+        text_source = Some(path.to_path_buf());
+    } else {
+        let beside = path.with_file_name(TEXT_FILE);
+        if beside.is_file() && beside != path {
+            for (k, v) in read_tensors(&beside)? {
+                if k.starts_with(TEXT) {
+                    tensors.insert(k, v);
+                }
+            }
+            text_source = Some(beside);
+        }
+    }
+    let fresh: Vec<String> = match text_source {
+        Some(_) => vec![],
+        None => vec![TEXT.to_string()],
+    };
+    let store = ParamStore::loaded(tensors, fresh, dtype, device);
+    let model = FluxModel::build(&cfg, store.clone())
+        .with_context(|| format!("cannot build the model of {}", path.display()))?;
+    store
+        .check_complete(&[DIFFUSER, TEXT])
+        .with_context(|| format!("{} does not match a FluxFlow model", path.display()))?;
+    Ok(Loaded { model, text_source })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync of
+/// the folder. A failure leaves any previous `path` intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let result = (|| -> Result<()> {
+        let mut f = fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("cannot flush {}", tmp.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+        if let Ok(d) = fs::File::open(&dir) {
+            // Makes the rename durable; some filesystems refuse fsync on folders.
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Serialises tensors (converted to float32, CPU, contiguous) in safetensors format.
+pub fn to_safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let converted = tensors
+        .iter()
+        .map(|(k, t)| {
+            let t = t
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .contiguous()?;
+            Ok((k.clone(), t))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    safetensors::serialize(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| anyhow!("cannot serialise tensors: {e}"))
+}
+
+/// Saves the model file (`diffuser.*`) at `model_path` and the text projection as
+/// `text_encoder.safetensors` beside it, both atomically, float32.
+pub fn save_model(model: &FluxModel, model_path: &Path) -> Result<()> {
+    let diffuser = to_safetensors_bytes(&model.params.tensors(DIFFUSER))?;
+    write_atomic(model_path, &diffuser)?;
+    let text = to_safetensors_bytes(&model.params.tensors(TEXT))?;
+    write_atomic(&model_path.with_file_name(TEXT_FILE), &text)
+}

@@ -1,0 +1,149 @@
+//! Images in and out: decoding to RGB, the reference's training-size rule, conversion to and
+//! from [-1, 1] tensors, PSNR.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::{imageops::FilterType, ImageFormat, RgbImage};
+
+/// Decodes a PNG, JPEG or WebP file to 8-bit RGB (grey and RGBA are converted).
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    let img = image::load_from_memory(&bytes)
+        .with_context(|| format!("{} is not a readable image", path.display()))?;
+    Ok(img.to_rgb8())
+}
+
+/// The reference's training size for an image of `w` x `h`: both sides multiples of 16, the
+/// least aspect distortion between ceil16(short side) and the matching long side, the
+/// smallest area among ties (fluxflow-training `resize_preserving_aspect_min_distortion`
+/// as called by `upscale_image`).
+pub fn training_size(w: u32, h: u32) -> (u32, u32) {
+    let (w, h) = (w.max(1) as u64, h.max(1) as u64);
+    let short = w.min(h);
+    let long16 = w.max(h).div_ceil(16) * 16;
+    let ratio = long16 as f64 / short as f64;
+    let max_size = short.max(((short as f64 * ratio / 16.0).ceil() as u64) * 16);
+    let lo = short.div_ceil(16) * 16;
+    let hi = (max_size / 16) * 16;
+    if lo > hi {
+        return (lo as u32, lo as u32);
+    }
+    let orig_ratio = w as f64 / h as f64;
+    let sizes: Vec<u64> = (lo..=hi).step_by(16).collect();
+    let mut best: Option<(f64, u64, u64, u64)> = None; // (distortion, area, w, h)
+    for &ch in &sizes {
+        for &cw in &sizes {
+            let d = ((cw as f64 / ch as f64) / orig_ratio).ln().abs();
+            let area = cw * ch;
+            let better = match best {
+                None => true,
+                Some((bd, ba, ..)) => d < bd || (d == bd && area < ba),
+            };
+            if better {
+                best = Some((d, area, cw, ch));
+            }
+        }
+    }
+    match best {
+        Some((_, _, bw, bh)) => (bw as u32, bh as u32),
+        None => (lo as u32, lo as u32),
+    }
+}
+
+/// Resizes with Lanczos to the training size unless the image already has it.
+pub fn to_training_size(img: RgbImage) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (tw, th) = training_size(w, h);
+    if (tw, th) == (w, h) {
+        img
+    } else {
+        image::imageops::resize(&img, tw, th, FilterType::Lanczos3)
+    }
+}
+
+/// RGB image -> [1, 3, H, W] tensor in [-1, 1] (x / 127.5 - 1).
+pub fn to_tensor(img: &RgbImage, dtype: DType, device: &Device) -> Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let raw = img.as_raw();
+    let mut data = vec![0f32; 3 * h * w];
+    for (i, px) in raw.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            data[c * h * w + i] = (px[c] as f32 / 255.0 - 0.5) / 0.5;
+        }
+    }
+    Ok(Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}
+
+/// [3, H, W] tensor in [-1, 1] -> RGB image: clamp, then round((y + 1) * 127.5).
+pub fn from_tensor(t: &Tensor) -> Result<RgbImage> {
+    let (c, h, w) = t.dims3()?;
+    if c != 3 {
+        bail!("expected 3 channels to write an image, got {c}");
+    }
+    let v: Vec<f32> = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut out = RgbImage::new(w as u32, h as u32);
+    for (i, px) in out.pixels_mut().enumerate() {
+        for ch in 0..3 {
+            let y = v[ch * h * w + i].clamp(-1.0, 1.0);
+            px[ch] = ((y + 1.0) * 127.5).round() as u8;
+        }
+    }
+    Ok(out)
+}
+
+/// Writes PNG or (lossless) WebP, chosen by the extension.
+pub fn save_image(img: &RgbImage, path: &Path) -> Result<()> {
+    let format = match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("png") => ImageFormat::Png,
+        Some("webp") => ImageFormat::WebP,
+        _ => bail!(
+            "cannot write {}: the output must end in .png or .webp",
+            path.display()
+        ),
+    };
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, format)
+        .map_err(|e| anyhow!("cannot encode {}: {e}", path.display()))?;
+    crate::checkpoint::write_atomic(path, bytes.get_ref())
+}
+
+/// PSNR in dB between two 8-bit images of the same size (peak 255).
+pub fn psnr(a: &RgbImage, b: &RgbImage) -> Result<f64> {
+    if a.dimensions() != b.dimensions() {
+        bail!(
+            "PSNR of images of different sizes {:?} and {:?}",
+            a.dimensions(),
+            b.dimensions()
+        );
+    }
+    let n = a.as_raw().len() as f64;
+    let mse: f64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        / n;
+    Ok(if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    })
+}

@@ -1,0 +1,11 @@
+//! fluxflow: the FluxFlow VAE (Bezier-activation image autoencoder) on candle.
+//!
+//! `model` ports the PyTorch reference (fluxflow-core) layer for layer, `checkpoint` reads and
+//! writes its safetensors files, `train` holds the training machinery, `image_io` the image
+//! conversions used by the commands.
+
+pub mod checkpoint;
+pub mod image_io;
+pub mod model;
+pub mod nn;
+pub mod params;
