@@ -69,7 +69,10 @@ pub fn detect_config(t: &HashMap<String, Tensor>) -> Result<ModelConfig> {
     let inv = "diffuser.flow_processor.transformer_blocks.0.rotary_pe.inv_freq";
     if let Some([half]) = dims(t, inv) {
         if *half == 0 || cfg.flow_dim % (2 * half) != 0 {
-            bail!("{inv} has {half} entries, which does not divide flow_dim {}", cfg.flow_dim);
+            bail!(
+                "{inv} has {half} entries, which does not divide flow_dim {}",
+                cfg.flow_dim
+            );
         }
         cfg.flow_heads = cfg.flow_dim / (2 * half);
     }
@@ -137,8 +140,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let result = (|| -> Result<()> {
-        let mut f = fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut f =
+            fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         f.write_all(bytes)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         f.sync_all()

@@ -5,6 +5,8 @@
 //! conversions used by the commands.
 
 pub mod checkpoint;
+pub mod cli;
+pub mod commands;
 pub mod image_io;
 pub mod model;
 pub mod nn;

@@ -1,1 +1,39 @@
-fn main() {}
+//! The `fluxflow` binary: parses the command line and runs the library's commands.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use fluxflow::cli::{Cli, Command};
+use fluxflow::commands;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Reconstruct(args) => {
+            let r = commands::reconstruct::run(&args)?;
+            let (w, h) = r.size;
+            let resized = if r.size != r.input_size {
+                format!(" (resized from {}x{})", r.input_size.0, r.input_size.1)
+            } else {
+                String::new()
+            };
+            println!(
+                "wrote {} ({w}x{h}{resized}); PSNR {:.2} dB",
+                r.output.display(),
+                r.psnr_db
+            );
+        }
+        Command::Info(args) => println!("{}", commands::info::run(&args)?),
+    }
+    Ok(())
+}

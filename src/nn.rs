@@ -250,8 +250,11 @@ impl Module for GroupNorm {
     /// [B, C, H, W] -> [B, C, H, W]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let xn = normalize_last(&x.reshape((b, self.groups, (c / self.groups) * h * w))?, self.eps)?
-            .reshape((b, c, h, w))?;
+        let xn = normalize_last(
+            &x.reshape((b, self.groups, (c / self.groups) * h * w))?,
+            self.eps,
+        )?
+        .reshape((b, c, h, w))?;
         match &self.affine {
             Some((wt, bs)) => xn
                 .broadcast_mul(&wt.reshape((1, c, 1, 1))?)?
@@ -381,11 +384,15 @@ pub fn resize_bilinear(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 }
 
 fn interp_t(out_len: usize, in_len: usize, dt: DType, dev: &Device) -> Result<Tensor> {
-    Tensor::from_vec(bilinear_matrix(out_len, in_len), (out_len, in_len), &Device::Cpu)?
-        .t()?
-        .contiguous()?
-        .to_dtype(dt)?
-        .to_device(dev)
+    Tensor::from_vec(
+        bilinear_matrix(out_len, in_len),
+        (out_len, in_len),
+        &Device::Cpu,
+    )?
+    .t()?
+    .contiguous()?
+    .to_dtype(dt)?
+    .to_device(dev)
 }
 
 #[cfg(test)]

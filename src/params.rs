@@ -282,7 +282,8 @@ impl Pb {
         shape: &[usize],
         values: Vec<f64>,
     ) -> candle_core::Result<Tensor> {
-        self.store.create(self.path(name), shape, Fill::Values(values))
+        self.store
+            .create(self.path(name), shape, Fill::Values(values))
     }
 
     pub fn dtype(&self) -> DType {

@@ -6,7 +6,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::bezier::{BezierActivation, TrainableBezier};
 use super::config::ModelConfig;
-use crate::nn::{ConvCfg, Conv2d, InitKind, LayerNorm, Linear, MultiheadAttention};
+use crate::nn::{Conv2d, ConvCfg, InitKind, LayerNorm, Linear, MultiheadAttention};
 use crate::params::Pb;
 
 /// Where the reparameterisation's normal draw comes from.

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor, D};
 
 use crate::nn::{
-    attention, merge_heads, resize_bilinear, split_heads, ConvCfg, Conv2d, GroupNorm, InitKind,
+    attention, merge_heads, resize_bilinear, split_heads, Conv2d, ConvCfg, GroupNorm, InitKind,
     LayerNorm, Linear,
 };
 use crate::params::{Init, Pb};
@@ -102,7 +102,12 @@ pub struct GatedContextInjection {
 impl GatedContextInjection {
     pub fn new(context_dim: usize, target_dim: usize, pb: Pb) -> Result<Self> {
         Ok(Self {
-            gate: Linear::new(context_dim, target_dim, InitKind::Torch, pb.pp("gate").pp(0))?,
+            gate: Linear::new(
+                context_dim,
+                target_dim,
+                InitKind::Torch,
+                pb.pp("gate").pp(0),
+            )?,
             bias: Linear::new(context_dim, target_dim, InitKind::Torch, pb.pp("bias"))?,
         })
     }

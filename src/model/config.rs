@@ -67,7 +67,10 @@ impl ModelConfig {
             }
         }
         if self.in_channels != 3 {
-            anyhow::bail!("model.in_channels must be 3 (RGB), got {}", self.in_channels);
+            anyhow::bail!(
+                "model.in_channels must be 3 (RGB), got {}",
+                self.in_channels
+            );
         }
         if self.vae_dim % self.vae_attn_heads != 0 {
             anyhow::bail!(

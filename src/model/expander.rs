@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use super::bezier::{BezierActivation, TrainableBezier};
 use super::conditioning::{ContextAttentionMixer, Spade};
 use super::config::ModelConfig;
-use crate::nn::{ConvCfg, Conv2d, ConvTranspose2d, GroupNorm, InitKind};
+use crate::nn::{Conv2d, ConvCfg, ConvTranspose2d, GroupNorm, InitKind};
 use crate::params::Pb;
 
 /// One 2x upsampling stage: SPADE, transposed conv, Bezier, dilated conv, Bezier, plus
@@ -29,7 +29,15 @@ impl ResidualUpsampleBlock {
         Ok(Self {
             spade: Spade::new(context, c, pb.pp("spade"))?,
             up: ConvTranspose2d::new(c, c * 5, 16, 2, 7, InitKind::Torch, pb.pp("conv1").pp(0))?,
-            conv: Conv2d::new(c, c * 5, 5, conv_cfg, true, InitKind::Torch, pb.pp("conv1").pp(2))?,
+            conv: Conv2d::new(
+                c,
+                c * 5,
+                5,
+                conv_cfg,
+                true,
+                InitKind::Torch,
+                pb.pp("conv1").pp(2),
+            )?,
         })
     }
 
@@ -99,7 +107,10 @@ impl FluxExpander {
     pub fn unpack(&self, packed: &Tensor) -> Result<(Tensor, Vec<(usize, usize)>)> {
         let (b, t1, d) = packed.dims3()?;
         if t1 < 2 || d < 2 {
-            candle_core::bail!("packed latent of shape {:?} holds no image tokens", packed.dims());
+            candle_core::bail!(
+                "packed latent of shape {:?} holds no image tokens",
+                packed.dims()
+            );
         }
         let img = packed.narrow(1, 0, t1 - 1)?;
         let hw: Vec<Vec<f64>> = packed
@@ -151,8 +162,14 @@ impl FluxExpander {
         for layer in &self.layers {
             x = layer.forward(&x, ctx)?;
         }
-        let x = self.rgb_norm1.forward(&self.rgb_conv1.forward(&x)?)?.silu()?;
-        let x = self.rgb_norm2.forward(&self.rgb_conv2.forward(&x)?)?.silu()?;
+        let x = self
+            .rgb_norm1
+            .forward(&self.rgb_conv1.forward(&x)?)?
+            .silu()?;
+        let x = self
+            .rgb_norm2
+            .forward(&self.rgb_conv2.forward(&x)?)?
+            .silu()?;
         self.rgb_activation.forward(&self.rgb_conv3.forward(&x)?)
     }
 }

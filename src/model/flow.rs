@@ -9,7 +9,7 @@ use super::compressor::add_coord_channels;
 use super::conditioning::{mean_tokens, ContextAttentionMixer, GatedContextInjection};
 use super::config::ModelConfig;
 use crate::nn::{
-    attention, merge_heads, split_heads, ConvCfg, Conv2d, Embedding, InitKind, LayerNorm, Linear,
+    attention, merge_heads, split_heads, Conv2d, ConvCfg, Embedding, InitKind, LayerNorm, Linear,
 };
 use crate::params::Pb;
 
@@ -90,7 +90,9 @@ impl Pillar {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.iter().try_fold(x.clone(), |x, l| l.forward(&x)?.silu())
+        self.0
+            .iter()
+            .try_fold(x.clone(), |x, l| l.forward(&x)?.silu())
     }
 }
 
@@ -188,7 +190,9 @@ impl FluxFlowProcessor {
         let fp = pb.pp("flow_predictor");
         let cf = pb.pp("context_final");
         let blocks = (0..cfg.flow_layers)
-            .map(|i| FluxTransformerBlock::new(d, cfg.flow_heads, pb.pp("transformer_blocks").pp(i)))
+            .map(|i| {
+                FluxTransformerBlock::new(d, cfg.flow_heads, pb.pp("transformer_blocks").pp(i))
+            })
             .collect::<Result<_>>()?;
         let init = TrainableBezier::DEFAULT_INIT;
         Ok(Self {
@@ -218,7 +222,11 @@ impl FluxFlowProcessor {
         let t = t1 - 1;
         let img_v = packed.narrow(1, 0, t)?;
         let hw_vec = packed.narrow(1, t, 1)?;
-        let hw: Vec<Vec<f64>> = hw_vec.squeeze(1)?.narrow(1, 0, 2)?.to_dtype(DType::F64)?.to_vec2()?;
+        let hw: Vec<Vec<f64>> = hw_vec
+            .squeeze(1)?
+            .narrow(1, 0, 2)?
+            .to_dtype(DType::F64)?
+            .to_vec2()?;
         let sizes: Vec<(usize, usize)> = hw
             .iter()
             .map(|v| {
@@ -233,7 +241,9 @@ impl FluxFlowProcessor {
 
         let ids = self.timestep_ids(timesteps)?;
         let temb = self.time_embedding.forward(&ids)?;
-        let temb = self.time_out.forward(&self.time_bezier.forward(&self.time_norm.forward(&temb)?)?)?;
+        let temb = self
+            .time_out
+            .forward(&self.time_bezier.forward(&self.time_norm.forward(&temb)?)?)?;
         let cond = (text + temb)?;
         let text_seq = self.text_proj.forward(&cond)?.unsqueeze(1)?;
 
@@ -272,8 +282,12 @@ impl FluxFlowProcessor {
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((n, d, h, w))?;
-            let flow = self.flow_conv2.forward(&self.flow_bezier.forward(&self.flow_conv1.forward(&feat)?)?)?;
-            let ctx = self.final_bezier.forward(&self.final_conv.forward(&add_coord_channels(&flow)?)?)?;
+            let flow = self
+                .flow_conv2
+                .forward(&self.flow_bezier.forward(&self.flow_conv1.forward(&feat)?)?)?;
+            let ctx = self
+                .final_bezier
+                .forward(&self.final_conv.forward(&add_coord_channels(&flow)?)?)?;
             let pooled = ctx.flatten_from(2)?.mean(2)?; // [n, D]
             let upd = self.dmodel_to_vae.forward(&pooled)?.unsqueeze(1)?; // [n, 1, Dv]
             let mine = img_v_all.narrow(0, start, n)?;

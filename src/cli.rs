@@ -1,0 +1,61 @@
+//! The command line (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fluxflow",
+    version,
+    about = "Trains and runs the FluxFlow VAE on candle"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Encode and decode one image with a checkpoint and print the PSNR.
+    Reconstruct(ReconstructArgs),
+    /// Describe a checkpoint: detected dimensions, parameters per component, tensors, dtypes.
+    Info(InfoArgs),
+}
+
+/// Numeric precision of the computation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReconstructArgs {
+    /// A PNG, JPEG or WebP image.
+    pub image: PathBuf,
+    /// The model file (reference names, e.g. flxflow_final.safetensors).
+    #[arg(long, short = 'c')]
+    pub checkpoint: PathBuf,
+    /// Where to write the reconstruction (.png or .webp); default `<image stem>.recon.png`.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Decode a sampled latent z = mu + eps * sigma instead of the posterior mean.
+    #[arg(long)]
+    pub sample: bool,
+    /// Seed of the sampled latent's noise (with --sample).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision of the computation.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// The model file to describe.
+    pub checkpoint: PathBuf,
+}

@@ -1,0 +1,19 @@
+//! One module per subcommand; each returns what it reports so the binary prints it.
+
+pub mod info;
+pub mod reconstruct;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::new_cuda(n)?),
+            _ => bail!("unknown device {spec:?}: use cpu, cuda or cuda:N"),
+        },
+    }
+}
