@@ -99,8 +99,6 @@ pub struct Loaded {
 /// be; tensors under other prefixes are ignored.
 pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let mut tensors = read_tensors(path)?;
-    let cfg = detect_config(&tensors)
-        .with_context(|| format!("cannot detect the model dimensions of {}", path.display()))?;
     let mut text_source = None;
     if tensors.keys().any(|k| k.starts_with(TEXT)) {
         text_source = Some(path.to_path_buf());
@@ -115,6 +113,8 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> 
             text_source = Some(beside);
         }
     }
+    let cfg = detect_config(&tensors)
+        .with_context(|| format!("cannot detect the model dimensions of {}", path.display()))?;
     let fresh: Vec<String> = match text_source {
         Some(_) => vec![],
         None => vec![TEXT.to_string()],

@@ -45,7 +45,12 @@ fn check_model(dtype: DType, tol: f64) {
     assert_close("packed", &enc.packed, &fixture("packed", dtype), tol);
 
     let mean = m.compressor.forward(&image, Noise::Mean).unwrap();
-    assert_close("packed_mean", &mean.packed, &fixture("packed_mean", dtype), tol);
+    assert_close(
+        "packed_mean",
+        &mean.packed,
+        &fixture("packed_mean", dtype),
+        tol,
+    );
 
     let ctx = m.expander.forward(&enc.packed, true).unwrap();
     assert_close("recon_ctx", &ctx, &fixture("recon_ctx", dtype), tol);

@@ -1,0 +1,186 @@
+//! Saving and loading checkpoints under the reference names, and the errors for bad files.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::{parity, tiny16};
+use fluxflow::checkpoint::{load_model, read_tensors, save_model, to_safetensors_bytes, TEXT_FILE};
+use fluxflow::model::{FluxModel, ModelConfig, Noise};
+
+fn tiny() -> ModelConfig {
+    ModelConfig {
+        vae_dim: 8,
+        vae_attn_layers: 2,
+        vae_attn_heads: 8,
+        flow_dim: 8,
+        flow_heads: 2,
+        flow_layers: 1,
+        text_embedding_dim: 8,
+        text_hidden: 8,
+        ..ModelConfig::default()
+    }
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fluxflow-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn load_err(path: &Path) -> String {
+    match load_model(path, DType::F32, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn write(path: &Path, tensors: &HashMap<String, Tensor>) {
+    let list: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    std::fs::write(path, to_safetensors_bytes(&list).unwrap()).unwrap();
+}
+
+#[test]
+fn saved_model_reloads_identically_in_float32_on_disk() {
+    let dir = tmpdir("roundtrip");
+    let model = FluxModel::fresh(&tiny(), DType::F64, &Device::Cpu, 3).unwrap();
+    let path = dir.join("model.safetensors");
+    save_model(&model, &path).unwrap();
+
+    let on_disk = read_tensors(&path).unwrap();
+    assert!(on_disk.keys().all(|k| k.starts_with("diffuser.")));
+    assert!(on_disk.values().all(|t| t.dtype() == DType::F32));
+    let text = read_tensors(&dir.join(TEXT_FILE)).unwrap();
+    assert!(
+        !text.is_empty()
+            && text
+                .keys()
+                .all(|k| k.starts_with("text_encoder.ouput_layer."))
+    );
+
+    let loaded = load_model(&path, DType::F64, &Device::Cpu).unwrap();
+    assert_eq!(
+        loaded.text_source.as_deref(),
+        Some(dir.join(TEXT_FILE).as_path())
+    );
+    assert_eq!(loaded.model.config, tiny());
+    let a = model.params.tensors("");
+    let b = loaded.model.params.tensors("");
+    assert_eq!(a.len(), b.len());
+    for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb);
+        let (va, vb): (Vec<f64>, Vec<f64>) = (
+            ta.flatten_all().unwrap().to_vec1().unwrap(),
+            tb.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(va, vb, "{ka} changed in the round trip");
+    }
+    let img = Tensor::rand(-1f64, 1.0, (1, 3, 32, 16), &Device::Cpu).unwrap();
+    let run = |m: &FluxModel| -> Vec<f64> {
+        let enc = m.compressor.forward(&img, Noise::Mean).unwrap();
+        let y = m.expander.forward(&enc.packed, true).unwrap();
+        y.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    assert_eq!(run(&model), run(&loaded.model));
+}
+
+#[test]
+fn reference_fixture_loads_with_text_projection_from_the_same_file() {
+    let loaded = load_model(&parity("tiny16.safetensors"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config.vae_dim, 16);
+    assert_eq!(loaded.model.config.flow_heads, 2);
+    assert_eq!(loaded.model.config.text_hidden, 24);
+    assert!(loaded.text_source.is_some());
+}
+
+#[test]
+fn missing_unexpected_and_misshaped_tensors_are_named() {
+    let dir = tmpdir("bad-tensors");
+    let base: HashMap<String, Tensor> = tiny16()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("diffuser.") || k.starts_with("text_encoder."))
+        .collect();
+
+    let mut missing = base.clone();
+    missing.remove("diffuser.expander.upscale.layers.2.spade.mlp_beta.bias");
+    missing.remove("text_encoder.ouput_layer.4.weight");
+    let p = dir.join("missing.safetensors");
+    write(&p, &missing);
+    let e = load_err(&p);
+    assert!(e.contains("missing tensors (2)"), "{e}");
+    assert!(
+        e.contains("diffuser.expander.upscale.layers.2.spade.mlp_beta.bias"),
+        "{e}"
+    );
+    assert!(e.contains("text_encoder.ouput_layer.4.weight"), "{e}");
+    assert!(e.contains("missing.safetensors"), "{e}");
+
+    let mut extra = base.clone();
+    let t = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    extra.insert("diffuser.expander.surprise.weight".into(), t);
+    let p = dir.join("extra.safetensors");
+    write(&p, &extra);
+    let e = load_err(&p);
+    assert!(
+        e.contains("unexpected tensors (1): diffuser.expander.surprise.weight"),
+        "{e}"
+    );
+
+    let mut shaped = base.clone();
+    let name = "diffuser.compressor.token_attn.1.norm2.weight";
+    shaped.insert(
+        name.into(),
+        Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let p = dir.join("shaped.safetensors");
+    write(&p, &shaped);
+    let e = load_err(&p);
+    assert!(
+        e.contains(&format!("{name} (expected [16], found [7])")),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_empty_foreign_and_absent_files_are_errors_naming_the_file() {
+    let dir = tmpdir("bad-files");
+    let good = std::fs::read(parity("tiny16.safetensors")).unwrap();
+
+    let truncated = dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &good[..good.len() / 2]).unwrap();
+    let empty = dir.join("empty.safetensors");
+    std::fs::write(&empty, b"").unwrap();
+    let foreign = dir.join("foreign.safetensors");
+    std::fs::write(&foreign, b"\x89PNG\r\n\x1a\nnot a checkpoint at all").unwrap();
+    let header_only = dir.join("header.safetensors");
+    std::fs::write(&header_only, &good[..1000]).unwrap();
+
+    for p in [&truncated, &empty, &foreign, &header_only] {
+        let e = load_err(p);
+        assert!(e.contains(&p.display().to_string()), "{e}");
+    }
+    assert!(load_err(&empty).contains("is empty"));
+    assert!(load_err(&truncated).contains("not a valid safetensors file"));
+    let absent = dir.join("absent.safetensors");
+    let e = load_err(&absent);
+    assert!(
+        e.contains("cannot read") && e.contains("absent.safetensors"),
+        "{e}"
+    );
+
+    let not_model = dir.join("other.safetensors");
+    let mut m = HashMap::new();
+    m.insert(
+        "weight".to_string(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    );
+    write(&not_model, &m);
+    let e = load_err(&not_model);
+    assert!(e.contains("cannot detect the VAE dimension"), "{e}");
+}

@@ -1,0 +1,178 @@
+//! The `fluxflow` binary end to end: reconstruct and info.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Tensor};
+use common::{parity, tiny16};
+use image::{GrayImage, RgbImage, RgbaImage};
+
+fn fluxflow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+        .args(args)
+        .output()
+        .expect("the fluxflow binary runs")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fluxflow-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Sample `i` of a [B, 3, H, W] tensor in [-1, 1] as 8-bit RGB: round((y + 1) * 127.5).
+fn to_rgb(t: &Tensor, i: usize) -> RgbImage {
+    let t = t.get(i).unwrap().to_dtype(DType::F64).unwrap();
+    let (_, h, w) = t.dims3().unwrap();
+    let v: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+    RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let px = |c: usize| {
+            let y = v[c * h * w + y as usize * w + x as usize].clamp(-1.0, 1.0);
+            ((y + 1.0) * 127.5).round() as u8
+        };
+        image::Rgb([px(0), px(1), px(2)])
+    })
+}
+
+fn str_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn reconstruct_reproduces_the_reference_posterior_mean_decode() {
+    let dir = tmpdir("recon");
+    let fx = tiny16();
+    let ckpt = parity("tiny16.safetensors");
+    for i in 0..2 {
+        let input = dir.join(format!("in{i}.png"));
+        to_rgb(&fx["fixture.image"], i).save(&input).unwrap();
+        let out = dir.join(format!("out{i}.png"));
+        let o = fluxflow(&[
+            "reconstruct",
+            input.to_str().unwrap(),
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--dtype",
+            "f64",
+        ]);
+        assert!(o.status.success(), "{}", str_of(&o.stderr));
+        let stdout = str_of(&o.stdout);
+        assert!(
+            stdout.contains("PSNR") && stdout.contains("48x32"),
+            "{stdout}"
+        );
+
+        let ours = image::open(&out).unwrap().to_rgb8();
+        let expected = to_rgb(&fx["fixture.recon_mean"], i);
+        assert_eq!(ours.dimensions(), expected.dimensions());
+        // The input went through 8 bits, so a pixel may round to the neighbouring level.
+        let diffs: Vec<i32> = ours
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .collect();
+        let exact = diffs.iter().filter(|d| **d == 0).count() as f64 / diffs.len() as f64;
+        assert!(
+            diffs.iter().all(|d| *d <= 1),
+            "a pixel is off by more than one level"
+        );
+        assert!(exact > 0.95, "only {:.1}% of values exact", exact * 100.0);
+    }
+}
+
+#[test]
+fn reconstruct_converts_grey_and_rgba_and_resizes_to_a_training_size() {
+    let dir = tmpdir("convert");
+    let ckpt = parity("tiny16.safetensors");
+    let grey = dir.join("grey.png");
+    GrayImage::from_fn(50, 37, |x, y| image::Luma([(x * 5 + y) as u8]))
+        .save(&grey)
+        .unwrap();
+    let rgba = dir.join("rgba.webp");
+    RgbaImage::from_fn(32, 16, |x, y| {
+        image::Rgba([x as u8 * 8, y as u8 * 16, 90, 128])
+    })
+    .save(&rgba)
+    .unwrap();
+    let jpeg = dir.join("photo.jpg");
+    RgbImage::from_fn(48, 48, |x, y| image::Rgb([x as u8 * 5, y as u8 * 5, 40]))
+        .save(&jpeg)
+        .unwrap();
+    for (input, size) in [(&grey, (64, 48)), (&rgba, (32, 16)), (&jpeg, (48, 48))] {
+        let out = dir.join(format!(
+            "{}.webp",
+            input.file_stem().unwrap().to_string_lossy()
+        ));
+        let o = fluxflow(&[
+            "reconstruct",
+            input.to_str().unwrap(),
+            "-c",
+            ckpt.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--sample",
+            "--seed",
+            "5",
+        ]);
+        assert!(o.status.success(), "{}", str_of(&o.stderr));
+        let img = image::open(&out).unwrap();
+        assert_eq!((img.width(), img.height()), size, "{}", input.display());
+    }
+}
+
+#[test]
+fn reconstruct_with_bad_inputs_fails_cleanly_naming_the_file() {
+    let dir = tmpdir("bad");
+    let ckpt = parity("tiny16.safetensors");
+    let img = dir.join("ok.png");
+    RgbImage::new(16, 16).save(&img).unwrap();
+    let broken = dir.join("broken.png");
+    std::fs::write(&broken, b"\x89PNG\r\n\x1a\n garbage").unwrap();
+    let bad_ckpt = dir.join("bad.safetensors");
+    std::fs::write(&bad_ckpt, b"").unwrap();
+
+    let cases: [(&Path, &Path, &str); 3] = [
+        (&broken, &ckpt, "broken.png"),
+        (&img, &bad_ckpt, "bad.safetensors"),
+        (&dir.join("nope.png"), &ckpt, "nope.png"),
+    ];
+    for (image, checkpoint, named) in cases {
+        let o = fluxflow(&[
+            "reconstruct",
+            image.to_str().unwrap(),
+            "-c",
+            checkpoint.to_str().unwrap(),
+            "-o",
+            dir.join("out.png").to_str().unwrap(),
+        ]);
+        let err = str_of(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains(named), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert!(!dir.join("out.png").exists());
+}
+
+#[test]
+fn info_reports_dimensions_parameters_and_tensors() {
+    let o = fluxflow(&["info", parity("tiny16.safetensors").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", str_of(&o.stderr));
+    let s = str_of(&o.stdout);
+    for needle in [
+        "vae_dim 16",
+        "flow heads 2",
+        "compressor       235,213",
+        "expander         1,718,239",
+        "flow_processor   54,032",
+        "total            2,007,484",
+        "tensors: 291 (F32 x291)",
+    ] {
+        assert!(s.contains(needle), "{needle:?} not in:\n{s}");
+    }
+}
