@@ -66,7 +66,7 @@ impl BezierActivation {
             n if n >= 4 => 1,
             n => candle_core::bail!("Bezier activation: unsupported rank {n} of {dims:?}"),
         };
-        if dims[axis] % 5 != 0 {
+        if !dims[axis].is_multiple_of(5) {
             candle_core::bail!("Bezier activation: axis {axis} of {dims:?} is not divisible by 5");
         }
         // Split the grouped axis into (F, 5) and take the five parts along the new axis.

@@ -72,17 +72,19 @@ impl ModelConfig {
                 self.in_channels
             );
         }
-        if self.vae_dim % self.vae_attn_heads != 0 {
+        if !self.vae_dim.is_multiple_of(self.vae_attn_heads) {
             anyhow::bail!(
                 "model.vae_dim ({}) must be divisible by model.vae_attn_heads ({})",
                 self.vae_dim,
                 self.vae_attn_heads
             );
         }
-        if self.vae_dim % 4 != 0 {
+        if !self.vae_dim.is_multiple_of(4) {
             anyhow::bail!("model.vae_dim ({}) must be a multiple of 4", self.vae_dim);
         }
-        if self.flow_dim % self.flow_heads != 0 || (self.flow_dim / self.flow_heads) % 2 != 0 {
+        if !self.flow_dim.is_multiple_of(self.flow_heads)
+            || !(self.flow_dim / self.flow_heads).is_multiple_of(2)
+        {
             anyhow::bail!(
                 "model.flow_dim ({}) must split into model.flow_heads ({}) heads of even size",
                 self.flow_dim,
