@@ -353,6 +353,16 @@ impl MultiheadAttention {
     }
 }
 
+/// Nearest-neighbour 2x upsampling, [B, C, H, W] -> [B, C, 2H, 2W], through a broadcast so
+/// the gradient accumulates (candle 0.11's `upsample_nearest2d` backward overwrites the
+/// gradient already accumulated for its input instead of adding to it).
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))
+}
+
 /// The [out, in] matrix of 1-D linear interpolation with align_corners=False (PyTorch's rule:
 /// src = (dst + 0.5) * in/out - 0.5, clamped at 0).
 fn bilinear_matrix(out_len: usize, in_len: usize) -> Vec<f64> {
@@ -398,6 +408,34 @@ fn interp_t(out_len: usize, in_len: usize, dt: DType, dev: &Device) -> Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nearest_upsampling_accumulates_gradients_from_every_use() {
+        let x = candle_core::Var::new(&[[[[1f64, 2.], [3., 4.]]]], &Device::Cpu).unwrap();
+        let up = upsample_nearest2x(x.as_tensor()).unwrap();
+        assert_eq!(up.dims(), &[1, 1, 4, 4]);
+        let row: Vec<f64> = up
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(row, vec![1., 1., 2., 2.]);
+        // x used twice: once directly, once upsampled (4 copies of each element).
+        let loss = (x.as_tensor().sum_all().unwrap() + up.sum_all().unwrap()).unwrap();
+        let g = loss.backward().unwrap();
+        let g: Vec<f64> = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(g, vec![5.0; 4]);
+    }
 
     #[test]
     fn bilinear_rows_sum_to_one_and_match_pytorch_doubling() {

@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use super::bezier::{BezierActivation, TrainableBezier};
 use super::conditioning::{ContextAttentionMixer, Spade};
 use super::config::ModelConfig;
-use crate::nn::{Conv2d, ConvCfg, ConvTranspose2d, GroupNorm, InitKind};
+use crate::nn::{upsample_nearest2x, Conv2d, ConvCfg, ConvTranspose2d, GroupNorm, InitKind};
 use crate::params::Pb;
 
 /// One 2x upsampling stage: SPADE, transposed conv, Bezier, dilated conv, Bezier, plus
@@ -49,8 +49,7 @@ impl ResidualUpsampleBlock {
         };
         let h = BezierActivation::VAE.forward(&self.up.forward(&h)?)?;
         let h = BezierActivation::VAE.forward(&self.conv.forward(&h)?)?;
-        let (_, _, hh, ww) = x.dims4()?;
-        h + (x.upsample_nearest2d(hh * 2, ww * 2)? * 0.1)?
+        h + (upsample_nearest2x(x)? * 0.1)?
     }
 }
 
