@@ -1,0 +1,208 @@
+//! Adam and AdamW as `torch.optim.Adam` / `torch.optim.AdamW` (single-tensor path).
+//!
+//! Adam's weight decay is an L2 term added to the gradient; AdamW's is decoupled,
+//! `p *= 1 - lr * weight_decay` before the moment update.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::common::{
+    buffer_or_zeros, check_betas, check_non_negative, check_positive, l2_grad, lerp,
+};
+use super::{Buffers, OptimizerSpec, Result, UpdateRule};
+
+const EXP_AVG: &str = "exp_avg";
+const EXP_AVG_SQ: &str = "exp_avg_sq";
+const MAX_EXP_AVG_SQ: &str = "max_exp_avg_sq";
+
+/// `torch.optim.Adam` hyper-parameters; defaults are PyTorch's (no weight decay).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+        }
+    }
+}
+
+/// `torch.optim.AdamW` hyper-parameters; defaults are PyTorch's (weight decay 0.01).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            amsgrad: false,
+        }
+    }
+}
+
+/// The hyper-parameters both variants share, and whether the decay is decoupled.
+struct AdamRule {
+    betas: (f64, f64),
+    eps: f64,
+    weight_decay: f64,
+    amsgrad: bool,
+    decoupled: bool,
+}
+
+impl AdamRule {
+    fn validate(&self, model: &str, lr: f64) -> Result<()> {
+        check_positive(model, "lr", lr)?;
+        check_betas(model, self.betas)?;
+        check_positive(model, "eps", self.eps)?;
+        check_non_negative(model, "weight_decay", self.weight_decay)
+    }
+
+    fn buffer_names(&self) -> Vec<&'static str> {
+        let mut names = vec![EXP_AVG, EXP_AVG_SQ];
+        if self.amsgrad {
+            names.push(MAX_EXP_AVG_SQ);
+        }
+        names
+    }
+
+    fn update(
+        &self,
+        lr: f64,
+        step: u64,
+        param: &Tensor,
+        grad: &Tensor,
+        buffers: &mut Buffers,
+    ) -> candle_core::Result<Tensor> {
+        let (beta1, beta2) = self.betas;
+        let (param, grad) = if self.decoupled {
+            let param = if self.weight_decay != 0.0 {
+                param.affine(1.0 - lr * self.weight_decay, 0.0)?
+            } else {
+                param.clone()
+            };
+            (param, grad.clone())
+        } else {
+            (param.clone(), l2_grad(grad, param, self.weight_decay)?)
+        };
+        // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        let exp_avg = lerp(
+            &buffer_or_zeros(buffers, EXP_AVG, &param)?,
+            &grad,
+            1.0 - beta1,
+        )?;
+        let exp_avg_sq = buffer_or_zeros(buffers, EXP_AVG_SQ, &param)?;
+        let exp_avg_sq =
+            (exp_avg_sq.affine(beta2, 0.0)? + grad.affine(1.0 - beta2, 0.0)?.mul(&grad)?)?;
+        buffers.insert(EXP_AVG, exp_avg.clone());
+        buffers.insert(EXP_AVG_SQ, exp_avg_sq.clone());
+
+        let step = step as f64;
+        let bias_correction1 = 1.0 - beta1.powf(step);
+        let bias_correction2 = 1.0 - beta2.powf(step);
+        let step_size = lr / bias_correction1;
+        let bias_correction2_sqrt = bias_correction2.powf(0.5);
+        let second = if self.amsgrad {
+            let max_sq = buffer_or_zeros(buffers, MAX_EXP_AVG_SQ, &param)?.maximum(&exp_avg_sq)?;
+            buffers.insert(MAX_EXP_AVG_SQ, max_sq.clone());
+            max_sq
+        } else {
+            exp_avg_sq
+        };
+        // denom = (second.sqrt() / bias_correction2_sqrt).add_(eps); candle has no division
+        // by a scalar, so this multiplies by the reciprocal (at most one ulp apart).
+        let denom = second
+            .sqrt()?
+            .affine(1.0 / bias_correction2_sqrt, 0.0)?
+            .affine(1.0, self.eps)?;
+        // param.addcdiv_(exp_avg, denom, value=-step_size)
+        &param + exp_avg.affine(-step_size, 0.0)?.div(&denom)?
+    }
+}
+
+impl AdamConfig {
+    fn rule(&self) -> AdamRule {
+        AdamRule {
+            betas: self.betas,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            amsgrad: self.amsgrad,
+            decoupled: false,
+        }
+    }
+}
+
+impl AdamWConfig {
+    fn rule(&self) -> AdamRule {
+        AdamRule {
+            betas: self.betas,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            amsgrad: self.amsgrad,
+            decoupled: true,
+        }
+    }
+}
+
+macro_rules! impl_adam_rule {
+    ($config:ty, $variant:ident) => {
+        impl UpdateRule for $config {
+            fn validate(&self, model: &str) -> Result<()> {
+                self.rule().validate(model, self.lr)
+            }
+
+            fn initial_lr(&self) -> f64 {
+                self.lr
+            }
+
+            fn to_spec(&self) -> OptimizerSpec {
+                OptimizerSpec::$variant(self.clone())
+            }
+
+            fn from_spec(spec: &OptimizerSpec) -> Option<Self> {
+                match spec {
+                    OptimizerSpec::$variant(c) => Some(c.clone()),
+                    _ => None,
+                }
+            }
+
+            fn buffer_names(&self) -> Vec<&'static str> {
+                self.rule().buffer_names()
+            }
+
+            fn update(
+                &self,
+                lr: f64,
+                step: u64,
+                param: &Tensor,
+                grad: &Tensor,
+                buffers: &mut Buffers,
+            ) -> candle_core::Result<Tensor> {
+                self.rule().update(lr, step, param, grad, buffers)
+            }
+        }
+    };
+}
+
+impl_adam_rule!(AdamConfig, Adam);
+impl_adam_rule!(AdamWConfig, AdamW);

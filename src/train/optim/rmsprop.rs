@@ -1,0 +1,112 @@
+//! RMSprop as `torch.optim.RMSprop` (single-tensor path, `foreach=False`).
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::common::{
+    buffer_or_zeros, check, check_non_negative, check_positive, check_unit_half_open, l2_grad, lerp,
+};
+use super::{Buffers, OptimizerSpec, Result, UpdateRule};
+
+const SQUARE_AVG: &str = "square_avg";
+const GRAD_AVG: &str = "grad_avg";
+const MOMENTUM_BUFFER: &str = "momentum_buffer";
+
+/// `torch.optim.RMSprop` hyper-parameters; defaults are PyTorch's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RmsPropConfig {
+    pub lr: f64,
+    pub alpha: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub centered: bool,
+}
+
+impl Default for RmsPropConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-2,
+            alpha: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            centered: false,
+        }
+    }
+}
+
+impl UpdateRule for RmsPropConfig {
+    fn validate(&self, model: &str) -> Result<()> {
+        check_positive(model, "lr", self.lr)?;
+        let alpha_ok = self.alpha > 0.0 && self.alpha <= 1.0;
+        check(model, "alpha", self.alpha, alpha_ok, "in (0, 1]")?;
+        check_positive(model, "eps", self.eps)?;
+        check_non_negative(model, "weight_decay", self.weight_decay)?;
+        check_unit_half_open(model, "momentum", self.momentum)
+    }
+
+    fn initial_lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn to_spec(&self) -> OptimizerSpec {
+        OptimizerSpec::RmsProp(self.clone())
+    }
+
+    fn from_spec(spec: &OptimizerSpec) -> Option<Self> {
+        match spec {
+            OptimizerSpec::RmsProp(c) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    fn buffer_names(&self) -> Vec<&'static str> {
+        let mut names = vec![SQUARE_AVG];
+        if self.momentum > 0.0 {
+            names.push(MOMENTUM_BUFFER);
+        }
+        if self.centered {
+            names.push(GRAD_AVG);
+        }
+        names
+    }
+
+    fn update(
+        &self,
+        lr: f64,
+        _step: u64,
+        param: &Tensor,
+        grad: &Tensor,
+        buffers: &mut Buffers,
+    ) -> candle_core::Result<Tensor> {
+        let alpha = self.alpha;
+        let grad = l2_grad(grad, param, self.weight_decay)?;
+        // square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+        let square_avg = buffer_or_zeros(buffers, SQUARE_AVG, param)?;
+        let square_avg =
+            (square_avg.affine(alpha, 0.0)? + grad.affine(1.0 - alpha, 0.0)?.mul(&grad)?)?;
+        buffers.insert(SQUARE_AVG, square_avg.clone());
+        let avg = if self.centered {
+            // grad_avg.lerp_(grad, 1 - alpha); square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+            let grad_avg = buffer_or_zeros(buffers, GRAD_AVG, param)?;
+            let grad_avg = lerp(&grad_avg, &grad, 1.0 - alpha)?;
+            buffers.insert(GRAD_AVG, grad_avg.clone());
+            (square_avg - grad_avg.sqr()?)?.sqrt()?
+        } else {
+            square_avg.sqrt()?
+        };
+        let avg = avg.affine(1.0, self.eps)?;
+        if self.momentum > 0.0 {
+            // buf.mul_(momentum).addcdiv_(grad, avg); param.add_(buf, alpha=-lr)
+            let buf = buffer_or_zeros(buffers, MOMENTUM_BUFFER, param)?;
+            let buf = (buf.affine(self.momentum, 0.0)? + grad.div(&avg)?)?;
+            buffers.insert(MOMENTUM_BUFFER, buf.clone());
+            param + buf.affine(-lr, 0.0)?
+        } else {
+            // param.addcdiv_(grad, avg, value=-lr)
+            param + grad.affine(-lr, 0.0)?.div(&avg)?
+        }
+    }
+}
