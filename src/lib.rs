@@ -11,3 +11,4 @@ pub mod image_io;
 pub mod model;
 pub mod nn;
 pub mod params;
+pub mod train;

@@ -1,0 +1,96 @@
+//! The Phase 1 losses of fluxflow-training's `VAETrainer` (`_frequency_weighted_loss`,
+//! `kl_standard_normal`) and `cosine_anneal_beta`.
+
+use candle_core::{Device, Result, Tensor};
+
+/// F.avg_pool2d(x, 3, stride=1, padding=1) with zero padding counted (divide by 9 always).
+/// [B, C, H, W] -> [B, C, H, W]
+pub fn box_blur3(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let kernel = (Tensor::ones((1, 1, 3, 3), x.dtype(), x.device())? / 9.0)?;
+    x.reshape((b * c, 1, h, w))?
+        .conv2d(&kernel, 1, 1, 1, 1)?
+        .reshape((b, c, h, w))
+}
+
+/// Mean absolute difference.
+pub fn l1(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    (a - b)?.abs()?.mean_all()
+}
+
+/// Mean squared difference.
+pub fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    (a - b)?.sqr()?.mean_all()
+}
+
+/// L1 of the blurred images plus `alpha` x L1 of their high-frequency residues (x - blur x).
+pub fn frequency_weighted_l1(pred: &Tensor, target: &Tensor, alpha: f64) -> Result<Tensor> {
+    let pred_lf = box_blur3(pred)?;
+    let target_lf = box_blur3(target)?;
+    let loss_lf = l1(&pred_lf, &target_lf)?;
+    let loss_hf = l1(&(pred - &pred_lf)?, &(target - &target_lf)?)?;
+    loss_lf + (loss_hf * alpha)?
+}
+
+/// KL to N(0, 1) per element, `-0.5 (1 + logvar - mu^2 - exp(logvar))`, clamped below at
+/// `free_bits` when it is positive (the clamped elements carry no gradient, as torch.clamp),
+/// summed over C, H, W and averaged over the batch. Also returns the fraction of clamped
+/// elements.
+pub fn kl_standard_normal(mu: &Tensor, logvar: &Tensor, free_bits: f64) -> Result<(Tensor, f64)> {
+    let inner = ((logvar + 1.0)? - mu.sqr()?)?.sub(&logvar.exp()?)?;
+    let kl = (inner * -0.5)?;
+    let (kl, fraction) = if free_bits > 0.0 {
+        let floor = Tensor::full(free_bits, kl.shape(), kl.device())?.to_dtype(kl.dtype())?;
+        let keep = kl.ge(&floor)?;
+        let kept: f64 = keep
+            .to_dtype(candle_core::DType::F64)?
+            .mean_all()?
+            .to_device(&Device::Cpu)?
+            .to_scalar()?;
+        (keep.where_cond(&kl, &floor)?, 1.0 - kept)
+    } else {
+        (kl, 0.0)
+    };
+    let b = kl.dim(0)?;
+    let mean = (kl.flatten_from(1)?.sum(1)?.sum_all()? / b as f64)?;
+    Ok((mean, fraction))
+}
+
+/// The KL weight at `step`: cosine warm-up from 0 to `beta_max` over `warmup_steps`.
+pub fn kl_beta(step: u64, warmup_steps: u64, beta_max: f64) -> f64 {
+    if warmup_steps == 0 {
+        return beta_max;
+    }
+    let frac = (step as f64 / warmup_steps as f64).clamp(0.0, 1.0);
+    beta_max * (1.0 - (std::f64::consts::PI * frac).cos()) / 2.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_beta_warms_up_along_a_cosine() {
+        assert_eq!(kl_beta(0, 4, 2.0), 0.0);
+        assert!((kl_beta(2, 4, 2.0) - 1.0).abs() < 1e-15);
+        assert_eq!(kl_beta(4, 4, 2.0), 2.0);
+        assert_eq!(kl_beta(9, 4, 2.0), 2.0);
+        assert_eq!(kl_beta(3, 0, 0.5), 0.5);
+    }
+
+    #[test]
+    fn box_blur_counts_zero_padding() {
+        let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F64, &Device::Cpu).unwrap();
+        let y: Vec<Vec<f64>> = box_blur3(&x)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert!((y[0][0] - 4.0 / 9.0).abs() < 1e-15);
+        assert!((y[0][1] - 6.0 / 9.0).abs() < 1e-15);
+        assert!((y[1][1] - 1.0).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,9 @@
+//! Training machinery: losses, adaptive weights, EMA, the Phase 1 step, and optimizers and
+//! learning-rate schedulers with PyTorch semantics.
+
+pub mod adaptive;
+pub mod ema;
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod step;

@@ -1,0 +1,360 @@
+//! One Phase 1 training step, as fluxflow-training's `VAETrainer.train_step` at the December
+//! 2025 run (GAN and LPIPS off): forward with a fresh eps, frequency-weighted L1 + MSE, clamped
+//! KL with a cosine warm-up, adaptive weights, global-norm clipping, optimizer step, EMA, LR
+//! scheduler step. A batch with NaN/Inf anywhere changes nothing but the skip count.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::adaptive::AdaptiveWeights;
+use super::ema::Ema;
+use super::loss::{frequency_weighted_l1, kl_beta, kl_standard_normal, mse};
+use super::optim::{Optimizer, OptimizerState};
+use super::schedule::Scheduler;
+use crate::model::{FluxModel, Noise, COMPRESSOR, EXPANDER};
+
+/// The loss and update settings of a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepConfig {
+    pub kl_beta: f64,
+    pub kl_warmup_steps: u64,
+    pub kl_free_bits: f64,
+    /// Weight of the high-frequency L1 term.
+    pub freq_alpha: f64,
+    pub mse_weight: f64,
+    /// Global gradient norm bound (`initial_clipping_norm`).
+    pub clip_norm: f64,
+    pub adaptive_weights: bool,
+    pub adaptive_window: usize,
+    pub ema_decay: f64,
+    /// Decode with SPADE context (`train_spade`).
+    pub use_spade: bool,
+}
+
+impl Default for StepConfig {
+    fn default() -> Self {
+        Self {
+            kl_beta: 0.0001,
+            kl_warmup_steps: 5000,
+            kl_free_bits: 0.0,
+            freq_alpha: 1.0,
+            mse_weight: 0.1,
+            clip_norm: 1.0,
+            adaptive_weights: true,
+            adaptive_window: 100,
+            ema_decay: 0.999,
+            use_spade: true,
+        }
+    }
+}
+
+/// What one trained step measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub freq_l1: f64,
+    pub mse: f64,
+    /// freq_l1 + mse_weight * mse: the logged "VAE loss".
+    pub recon: f64,
+    /// KL before beta: the logged "KL loss".
+    pub kl: f64,
+    pub kl_beta: f64,
+    pub w_recon: f64,
+    pub w_kl: f64,
+    pub total: f64,
+    pub grad_norm_before_clip: f64,
+    /// The learning rate after the scheduler's step (used by the next step).
+    pub lr_after: f64,
+    pub kl_clamped_fraction: f64,
+}
+
+/// Why a batch was skipped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Skip {
+    NonFiniteInput,
+    NonFiniteLoss { recon: f64, kl: f64 },
+    NonFiniteGradient,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::NonFiniteInput => write!(f, "NaN/Inf in the input images"),
+            Skip::NonFiniteLoss { recon, kl } => {
+                write!(f, "NaN/Inf in the loss (recon {recon}, kl {kl})")
+            }
+            Skip::NonFiniteGradient => write!(f, "NaN/Inf in the gradients"),
+        }
+    }
+}
+
+/// The outcome of [`VaeTrainer::step`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    Trained(StepMetrics),
+    Skipped(Skip),
+}
+
+/// Scalar state of a [`VaeTrainer`] for JSON; tensors go through [`VaeTrainer::state_tensors`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub config: StepConfig,
+    pub adaptive: AdaptiveWeights,
+    pub optimizer: OptimizerState,
+    pub scheduler: Scheduler,
+    pub skipped: u64,
+}
+
+/// Trains the VAE (compressor + expander) of a model.
+pub struct VaeTrainer {
+    pub config: StepConfig,
+    params: Vec<(String, Var)>,
+    optimizer: Box<dyn Optimizer>,
+    scheduler: Scheduler,
+    ema: Ema,
+    adaptive: AdaptiveWeights,
+    skipped: u64,
+}
+
+/// The VAE's trainable tensors: every compressor and expander parameter, by name.
+pub fn vae_params(model: &FluxModel) -> Vec<(String, Var)> {
+    let mut p = model.params.trainable(COMPRESSOR);
+    p.extend(model.params.trainable(EXPANDER));
+    p
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .to_scalar::<f64>()?)
+}
+
+/// The loss terms of one forward pass.
+struct Losses {
+    freq: Tensor,
+    mse: Tensor,
+    recon_t: Tensor,
+    kl_t: Tensor,
+    recon: f64,
+    kl: f64,
+    beta: f64,
+    clamped: f64,
+}
+
+impl Losses {
+    fn compute(
+        c: &StepConfig,
+        model: &FluxModel,
+        images: &Tensor,
+        noise: Noise,
+        global_step: u64,
+    ) -> Result<Self> {
+        let enc = model.compressor.forward(images, noise)?;
+        let recon_img = model.expander.forward(&enc.packed, c.use_spade)?;
+        let freq = frequency_weighted_l1(&recon_img, images, c.freq_alpha)?;
+        let mse_t = mse(&recon_img, images)?;
+        let recon_t = (&freq + (&mse_t * c.mse_weight)?)?;
+        let (kl_t, clamped) = kl_standard_normal(&enc.mu, &enc.logvar, c.kl_free_bits)?;
+        Ok(Self {
+            recon: scalar(&recon_t)?,
+            kl: scalar(&kl_t)?,
+            beta: kl_beta(global_step, c.kl_warmup_steps, c.kl_beta),
+            freq,
+            mse: mse_t,
+            recon_t,
+            kl_t,
+            clamped,
+        })
+    }
+
+    /// w_recon * recon + w_kl * beta * kl
+    fn total(&self, w_recon: f64, w_kl: f64) -> Result<Tensor> {
+        Ok(((&self.recon_t * w_recon)? + (&self.kl_t * (w_kl * self.beta))?)?)
+    }
+}
+
+/// The gradients of the total loss of a first step (empty adaptive history) at `global_step`,
+/// before clipping: what the reference's step computes before `clip_grad_norm_`.
+pub fn loss_gradients(
+    config: &StepConfig,
+    model: &FluxModel,
+    images: &Tensor,
+    noise: Noise,
+    global_step: u64,
+) -> Result<GradStore> {
+    let l = Losses::compute(config, model, images, noise, global_step)?;
+    let mut adaptive = AdaptiveWeights::new(config.adaptive_weights, config.adaptive_window);
+    adaptive.record(l.recon, l.kl);
+    let (w_recon, w_kl) = adaptive.weights();
+    Ok(l.total(w_recon, w_kl)?.backward()?)
+}
+
+impl VaeTrainer {
+    /// A trainer over `model`'s VAE with an optimizer and scheduler already built over
+    /// [`vae_params`]; the EMA starts at the current weights.
+    pub fn new(
+        config: StepConfig,
+        model: &FluxModel,
+        optimizer: Box<dyn Optimizer>,
+        scheduler: Scheduler,
+    ) -> Result<Self> {
+        let params = vae_params(model);
+        let ema = Ema::new(config.ema_decay, params.clone())?;
+        let adaptive = AdaptiveWeights::new(config.adaptive_weights, config.adaptive_window);
+        Ok(Self {
+            config,
+            params,
+            optimizer,
+            scheduler,
+            ema,
+            adaptive,
+            skipped: 0,
+        })
+    }
+
+    /// One step on `images` ([B, 3, H, W] in [-1, 1]) at `global_step` (1 for the first).
+    pub fn step(
+        &mut self,
+        model: &FluxModel,
+        images: &Tensor,
+        noise: Noise,
+        global_step: u64,
+    ) -> Result<StepOutcome> {
+        if !scalar(&images.abs()?.max_all()?)?.is_finite() {
+            self.skipped += 1;
+            return Ok(StepOutcome::Skipped(Skip::NonFiniteInput));
+        }
+        let l = Losses::compute(&self.config, model, images, noise, global_step)?;
+        let (recon, kl, beta) = (l.recon, l.kl, l.beta);
+        if !recon.is_finite() || !kl.is_finite() {
+            self.skipped += 1;
+            return Ok(StepOutcome::Skipped(Skip::NonFiniteLoss { recon, kl }));
+        }
+        let mut adaptive = self.adaptive.clone();
+        adaptive.record(recon, kl);
+        let (w_recon, w_kl) = adaptive.weights();
+        let total_t = l.total(w_recon, w_kl)?;
+        let total = scalar(&total_t)?;
+        let mut grads = total_t.backward()?;
+        let norm = self.clip(&mut grads)?;
+        if !norm.is_finite() || !total.is_finite() {
+            self.skipped += 1;
+            return Ok(StepOutcome::Skipped(Skip::NonFiniteGradient));
+        }
+        self.adaptive = adaptive;
+        self.optimizer.step(&grads).map_err(|e| anyhow!(e))?;
+        self.ema.update()?;
+        self.scheduler.step(Some(recon)).map_err(|e| anyhow!(e))?;
+        let lr = self.scheduler.lr();
+        self.optimizer.set_lr(lr);
+        Ok(StepOutcome::Trained(StepMetrics {
+            freq_l1: scalar(&l.freq)?,
+            mse: scalar(&l.mse)?,
+            recon,
+            kl,
+            kl_beta: beta,
+            w_recon,
+            w_kl,
+            total,
+            grad_norm_before_clip: norm,
+            lr_after: lr,
+            kl_clamped_fraction: l.clamped,
+        }))
+    }
+
+    /// torch.nn.utils.clip_grad_norm_ over the VAE parameters that have a gradient: scales
+    /// them by min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping.
+    fn clip(&self, grads: &mut GradStore) -> Result<f64> {
+        let squares = self
+            .params
+            .iter()
+            .filter_map(|(_, v)| grads.get(v.as_tensor()))
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if squares.is_empty() {
+            return Ok(0.0);
+        }
+        let norm = scalar(&Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?)?;
+        let coef = self.config.clip_norm / (norm + 1e-6);
+        if coef < 1.0 && norm.is_finite() {
+            for (_, v) in &self.params {
+                if let Some(g) = grads.remove(v.as_tensor()) {
+                    grads.insert(v.as_tensor(), (g * coef)?);
+                }
+            }
+        }
+        Ok(norm)
+    }
+
+    /// Batches skipped for NaN/Inf so far.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.optimizer.lr()
+    }
+
+    /// The EMA shadow by parameter name.
+    pub fn ema_shadow(&self) -> Vec<(String, Tensor)> {
+        self.ema.shadow()
+    }
+
+    /// Scalar state for JSON.
+    pub fn state(&self) -> TrainerState {
+        TrainerState {
+            config: self.config.clone(),
+            adaptive: self.adaptive.clone(),
+            optimizer: self.optimizer.scalar_state(),
+            scheduler: self.scheduler.clone(),
+            skipped: self.skipped,
+        }
+    }
+
+    /// Optimizer buffers as `optim.<param>.<buffer>` and the EMA as `ema.<param>`, in the
+    /// training dtype.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self
+            .optimizer
+            .state_tensors()
+            .into_iter()
+            .map(|(k, t)| (format!("optim.{k}"), t))
+            .collect();
+        out.extend(
+            self.ema
+                .shadow()
+                .into_iter()
+                .map(|(k, t)| (format!("ema.{k}"), t)),
+        );
+        out
+    }
+
+    /// Restores what [`VaeTrainer::state`] and [`VaeTrainer::state_tensors`] saved.
+    pub fn load_state(
+        &mut self,
+        state: &TrainerState,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let strip = |prefix: &str| -> HashMap<String, Tensor> {
+            tensors
+                .iter()
+                .filter_map(|(k, t)| k.strip_prefix(prefix).map(|s| (s.to_string(), t.clone())))
+                .collect()
+        };
+        self.optimizer
+            .load_state(&state.optimizer, &strip("optim."))
+            .map_err(|e| anyhow!(e))
+            .context("cannot restore the VAE optimizer")?;
+        self.ema
+            .load(&strip("ema."))
+            .context("cannot restore the EMA")?;
+        self.config = state.config.clone();
+        self.adaptive = state.adaptive.clone();
+        self.scheduler = state.scheduler.clone();
+        self.skipped = state.skipped;
+        Ok(())
+    }
+}
