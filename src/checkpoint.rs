@@ -162,14 +162,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Serialises tensors (converted to float32, CPU, contiguous) in safetensors format.
 pub fn to_safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    serialize(tensors, Some(DType::F32))
+}
+
+/// Serialises tensors in safetensors format, each in its own dtype (for exact resume state).
+pub fn to_safetensors_bytes_exact(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    serialize(tensors, None)
+}
+
+fn serialize(tensors: &[(String, Tensor)], dtype: Option<DType>) -> Result<Vec<u8>> {
     let converted = tensors
         .iter()
         .map(|(k, t)| {
-            let t = t
-                .to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .contiguous()?;
-            Ok((k.clone(), t))
+            let t = t.to_device(&Device::Cpu)?;
+            let t = match dtype {
+                Some(d) => t.to_dtype(d)?,
+                None => t,
+            };
+            Ok((k.clone(), t.contiguous()?))
         })
         .collect::<Result<Vec<_>>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();

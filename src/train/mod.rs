@@ -3,6 +3,7 @@
 
 pub mod adaptive;
 pub mod ema;
+pub mod factory;
 pub mod loss;
 pub mod optim;
 pub mod schedule;

@@ -84,6 +84,18 @@ impl OptimizerSpec {
         }
     }
 
+    /// Checks the hyper-parameters without building an optimizer; errors name `model` and the
+    /// field.
+    pub fn validate(&self, model: &str) -> Result<()> {
+        match self {
+            Self::RmsProp(c) => c.validate(model),
+            Self::Adam(c) => c.validate(model),
+            Self::AdamW(c) => c.validate(model),
+            Self::Sgd(c) => c.validate(model),
+            Self::Lion(c) => c.validate(model),
+        }
+    }
+
     /// The configured (initial) learning rate.
     pub fn lr(&self) -> f64 {
         match self {
