@@ -1,0 +1,315 @@
+//! The training configuration: the reference's `config.yaml` sections (model, data, training,
+//! optimization, output) with its defaults, our additions, command-line overrides, and one
+//! validation pass whose errors name the key and the file.
+
+mod optim_file;
+mod sections;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+
+pub use optim_file::OptimFile;
+pub use sections::{
+    DataSection, ModelSection, OptimizationSection, OutputSection, SampleSize, SyntheticData,
+    TrainingSection,
+};
+
+use crate::model::ModelConfig;
+use crate::train::step::StepConfig;
+
+/// The embedded quickstart configuration (`configs/quickstart.yaml`).
+pub const QUICKSTART: &str = include_str!("../../configs/quickstart.yaml");
+
+/// A whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub training: TrainingSection,
+    pub optimization: OptimizationSection,
+    pub output: OutputSection,
+    /// Initial weights (a model file with reference names).
+    pub model_checkpoint: Option<PathBuf>,
+}
+
+/// `--set section.key=value` and the dedicated flags, applied over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub max_steps: Option<u64>,
+    pub device: Option<String>,
+    pub set: Vec<String>,
+}
+
+impl Config {
+    /// Parses YAML text from `source` (a path or "<embedded quickstart>") with overrides.
+    pub fn parse(text: &str, source: &str, overrides: &Overrides) -> Result<Self> {
+        let mut tree: Value = serde_yaml::from_str(text)
+            .with_context(|| format!("{source} is not valid YAML"))?;
+        if tree.is_null() {
+            tree = Value::Mapping(Default::default());
+        }
+        for s in &overrides.set {
+            apply_set(&mut tree, s).with_context(|| format!("--set {s}"))?;
+        }
+        let mut cfg: Config = serde_yaml::from_value(tree).map_err(|e| {
+            anyhow::anyhow!("{source}: {e} (check the key's spelling and section)")
+        })?;
+        if let Some(d) = &overrides.data {
+            cfg.data.data_path = Some(d.clone());
+        }
+        if let Some(o) = &overrides.output {
+            cfg.output.output_path = o.clone();
+        }
+        if let Some(n) = overrides.max_steps {
+            cfg.training.max_steps = Some(n);
+        }
+        if let Some(d) = &overrides.device {
+            cfg.training.device = d.clone();
+        }
+        cfg.validate().with_context(|| format!("invalid configuration in {source}"))?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Rejects settings we cannot honour, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.training;
+        let d = &self.data;
+        let unsupported = [
+            (t.gan_training, "training.gan_training", "GAN training"),
+            (t.use_lpips, "training.use_lpips", "the LPIPS loss"),
+            (t.train_diff, "training.train_diff", "flow (diffusion) training"),
+            (t.train_diff_full, "training.train_diff_full", "flow (diffusion) training"),
+            (t.use_fp16, "training.use_fp16", "fp16 mixed precision"),
+            (d.use_webdataset, "data.use_webdataset", "WebDataset streaming"),
+            (d.use_tt2m, "data.use_tt2m", "WebDataset streaming"),
+        ];
+        for (on, key, what) in unsupported {
+            if on {
+                bail!("{key}: true asks for {what}, which fluxflow does not support yet; set it to false");
+            }
+        }
+        if d.reduced_min_sizes.as_ref().is_some_and(|v| !v.is_empty()) {
+            bail!("data.reduced_min_sizes: multi-scale training is not supported yet; remove it or set it to null");
+        }
+        if !t.train_vae {
+            bail!("training.train_vae: false leaves nothing to train (flow training is not supported yet)");
+        }
+        if d.channels != 3 {
+            bail!("data.channels: only 3 (RGB) is supported, got {}", d.channels);
+        }
+        if t.training_steps != 1 {
+            bail!("training.training_steps: only 1 is supported, got {}", t.training_steps);
+        }
+        if self.output.log_file.is_some() {
+            bail!("output.log_file: writing logs to a file is not supported; redirect the output instead");
+        }
+        let positive = [
+            ("training.n_epochs", t.n_epochs as f64),
+            ("training.batch_size", t.batch_size as f64),
+            ("training.lr", t.lr),
+            ("training.initial_clipping_norm", t.initial_clipping_norm),
+            ("output.log_interval", self.output.log_interval as f64),
+            ("output.checkpoint_save_interval", self.output.checkpoint_save_interval as f64),
+            ("output.samples_per_checkpoint", self.output.samples_per_checkpoint as f64),
+            ("output.keep_last", self.output.keep_last as f64),
+        ];
+        for (key, v) in positive {
+            if v.is_nan() || v <= 0.0 {
+                bail!("{key} must be positive, got {v}");
+            }
+        }
+        let non_negative = [
+            ("training.kl_beta", t.kl_beta),
+            ("training.kl_free_bits", t.kl_free_bits),
+            ("training.mse_weight", t.mse_weight),
+            ("training.freq_alpha", t.freq_alpha),
+        ];
+        for (key, v) in non_negative {
+            if v.is_nan() || v < 0.0 {
+                bail!("{key} must be non-negative, got {v}");
+            }
+        }
+        if !(0.0..1.0).contains(&t.ema_decay) {
+            bail!("training.ema_decay must be in [0, 1), got {}", t.ema_decay);
+        }
+        if t.max_steps == Some(0) {
+            bail!("training.max_steps must be positive");
+        }
+        if let Some(r) = &t.max_runtime {
+            parse_duration(r).context("training.max_runtime")?;
+        }
+        if let Some(cap) = d.img_size {
+            if cap < 16 {
+                bail!("data.img_size must be at least 16, got {cap}");
+            }
+        }
+        if !matches!(t.dtype.as_str(), "f32" | "f64") {
+            bail!("training.dtype must be f32 or f64, got {:?}", t.dtype);
+        }
+        if d.data_path.is_none() && d.synthetic.is_none() {
+            bail!("data.data_path is not set (or pass --data DIR)");
+        }
+        self.model_config().validate()?;
+        Ok(())
+    }
+
+    /// The model's dimensions.
+    pub fn model_config(&self) -> ModelConfig {
+        let m = &self.model;
+        ModelConfig {
+            vae_dim: m.vae_dim,
+            vae_attn_layers: m.vae_attn_layers,
+            vae_attn_heads: m.vae_attn_heads,
+            flow_dim: m.feature_maps_dim,
+            flow_heads: m.flow_heads,
+            flow_layers: m.flow_layers,
+            text_embedding_dim: m.text_embedding_dim,
+            text_hidden: m.text_hidden,
+            ..ModelConfig::default()
+        }
+    }
+
+    /// The training step's settings.
+    pub fn step_config(&self) -> StepConfig {
+        let t = &self.training;
+        StepConfig {
+            kl_beta: t.kl_beta,
+            kl_warmup_steps: t.kl_warmup_steps,
+            kl_free_bits: t.kl_free_bits,
+            freq_alpha: t.freq_alpha,
+            mse_weight: t.mse_weight,
+            clip_norm: t.initial_clipping_norm,
+            adaptive_weights: t.adaptive_weights,
+            adaptive_window: 100,
+            ema_decay: t.ema_decay,
+            use_spade: t.train_spade,
+        }
+    }
+
+    /// `training.max_runtime` as a duration.
+    pub fn max_runtime(&self) -> Option<Duration> {
+        self.training
+            .max_runtime
+            .as_deref()
+            .and_then(|s| parse_duration(s).ok())
+    }
+
+    /// Warnings about settings that defeat themselves.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let t = &self.training;
+        // Per-element KL of a fresh VAE is around 1e-2..1e0 nats; a floor far above that clamps
+        // every element, and clamped elements carry no gradient.
+        if t.kl_free_bits >= 10.0 {
+            w.push(format!(
+                "training.kl_free_bits = {} clamps every per-element KL (each is far below it): the KL term \
+                 has no gradient at all and the latent is not regularised. Values around 0.0-0.5 are usual.",
+                t.kl_free_bits
+            ));
+        }
+        if t.kl_beta == 0.0 {
+            w.push("training.kl_beta = 0: the KL term has no weight.".into());
+        }
+        w
+    }
+}
+
+/// Applies `section.key=value` (value parsed as YAML) to the tree.
+fn apply_set(tree: &mut Value, s: &str) -> Result<()> {
+    let (path, value) = s
+        .split_once('=')
+        .context("expected section.key=value")?;
+    let value: Value = serde_yaml::from_str(value).context("the value is not valid YAML")?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        bail!("expected section.key=value");
+    }
+    let mut node = tree;
+    for (i, k) in keys.iter().enumerate() {
+        let map = node
+            .as_mapping_mut()
+            .with_context(|| format!("{} is not a section", keys[..i].join(".")))?;
+        let key = Value::String((*k).to_string());
+        if i + 1 == keys.len() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        node = map
+            .entry(key)
+            .or_insert_with(|| Value::Mapping(Default::default()));
+    }
+    Ok(())
+}
+
+/// "5h50m", "90m", "45s", "2h", "1h30m15s" or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs > 0.0 && secs.is_finite() {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        bail!("{s:?} is not a positive duration");
+    }
+    let mut total = 0f64;
+    let mut num = String::new();
+    for c in s.chars() {
+        match c {
+            '0'..='9' | '.' => num.push(c),
+            'h' | 'm' | 's' => {
+                let v: f64 = num
+                    .parse()
+                    .with_context(|| format!("{s:?} is not a duration like 5h50m"))?;
+                total += v * match c {
+                    'h' => 3600.0,
+                    'm' => 60.0,
+                    _ => 1.0,
+                };
+                num.clear();
+            }
+            _ => bail!("{s:?} is not a duration like 5h50m"),
+        }
+    }
+    if !num.is_empty() || total <= 0.0 {
+        bail!("{s:?} is not a duration like 5h50m");
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("5h50m").unwrap(), Duration::from_secs(21000));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h30m15s").unwrap(), Duration::from_secs(5415));
+        assert!(parse_duration("5 hours").is_err());
+        assert!(parse_duration("5h50").is_err());
+        assert!(parse_duration("0").is_err());
+    }
+
+    #[test]
+    fn set_overrides_nested_keys() {
+        let mut tree: Value = serde_yaml::from_str("training:\n  lr: 1\n").unwrap();
+        apply_set(&mut tree, "training.lr=0.5").unwrap();
+        apply_set(&mut tree, "output.keep_last=2").unwrap();
+        assert_eq!(tree["training"]["lr"], Value::from(0.5));
+        assert_eq!(tree["output"]["keep_last"], Value::from(2));
+        assert!(apply_set(&mut tree, "training.lr").is_err());
+    }
+}

@@ -1,0 +1,259 @@
+//! The sections of a configuration file, with the reference's defaults and our additions.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `model:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    pub vae_dim: usize,
+    /// The flow processor's width.
+    pub feature_maps_dim: usize,
+    /// The discriminator's width (used only by GAN training).
+    pub feature_maps_dim_disc: usize,
+    pub text_embedding_dim: usize,
+    /// The text backbone (not loaded while flow training is off).
+    pub pretrained_bert_model: Option<String>,
+    // Ours: dimensions the reference fixes in code.
+    pub vae_attn_layers: usize,
+    pub vae_attn_heads: usize,
+    pub flow_heads: usize,
+    pub flow_layers: usize,
+    /// Hidden size of the text backbone (768 for DistilBERT).
+    pub text_hidden: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            vae_dim: 128,
+            feature_maps_dim: 128,
+            feature_maps_dim_disc: 8,
+            text_embedding_dim: 1024,
+            pretrained_bert_model: None,
+            vae_attn_layers: 4,
+            vae_attn_heads: 8,
+            flow_heads: 8,
+            flow_layers: 10,
+            text_hidden: 768,
+        }
+    }
+}
+
+/// Our addition: a generated data set (shapes, gradients, textures), for the quickstart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyntheticData {
+    pub count: usize,
+    pub width: u32,
+    pub height: u32,
+    pub seed: u64,
+}
+
+impl Default for SyntheticData {
+    fn default() -> Self {
+        Self {
+            count: 256,
+            width: 32,
+            height: 32,
+            seed: 0,
+        }
+    }
+}
+
+/// `data:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    pub data_path: Option<PathBuf>,
+    pub captions_file: Option<PathBuf>,
+    pub fixed_prompt_prefix: Option<String>,
+    pub use_webdataset: bool,
+    pub webdataset_token: Option<String>,
+    pub webdataset_url: Option<String>,
+    pub webdataset_image_key: Option<String>,
+    pub webdataset_label_key: Option<String>,
+    pub webdataset_caption_key: Option<String>,
+    pub webdataset_size: Option<u64>,
+    pub webdataset_samples_per_shard: Option<u64>,
+    /// Legacy aliases of the reference.
+    pub use_tt2m: bool,
+    pub tt2m_token: Option<String>,
+    pub dataloader_max_retries: u32,
+    pub dataloader_retry_delay: f64,
+    /// Ours: a cap on the longer side of the training size (the reference ignores it).
+    pub img_size: Option<u32>,
+    pub channels: usize,
+    pub tokenizer_name: String,
+    pub reduced_min_sizes: Option<Vec<u32>>,
+    /// Ours: generate the data set instead of reading `data_path`.
+    pub synthetic: Option<SyntheticData>,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            data_path: None,
+            captions_file: None,
+            fixed_prompt_prefix: None,
+            use_webdataset: false,
+            webdataset_token: None,
+            webdataset_url: None,
+            webdataset_image_key: None,
+            webdataset_label_key: None,
+            webdataset_caption_key: None,
+            webdataset_size: None,
+            webdataset_samples_per_shard: None,
+            use_tt2m: false,
+            tt2m_token: None,
+            dataloader_max_retries: 5,
+            dataloader_retry_delay: 5.0,
+            img_size: None,
+            channels: 3,
+            tokenizer_name: "distilbert-base-uncased".into(),
+            reduced_min_sizes: None,
+            synthetic: None,
+        }
+    }
+}
+
+/// `training:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingSection {
+    pub n_epochs: u64,
+    pub batch_size: usize,
+    /// Decoding threads.
+    pub workers: usize,
+    /// The learning rate of any model whose optimizer JSON gives none.
+    pub lr: f64,
+    /// CosineAnnealingLR's eta_min_factor where the scheduler JSON gives none.
+    pub lr_min: f64,
+    pub training_steps: u64,
+    pub use_fp16: bool,
+    pub initial_clipping_norm: f64,
+    /// Resume keeps the optimizers' learning rates (always true for `fluxflow resume`).
+    pub preserve_lr: bool,
+    pub train_vae: bool,
+    pub gan_training: bool,
+    pub use_lpips: bool,
+    /// Decode with SPADE context.
+    pub train_spade: bool,
+    pub train_diff: bool,
+    pub train_diff_full: bool,
+    pub kl_beta: f64,
+    pub kl_warmup_steps: u64,
+    pub kl_free_bits: f64,
+    pub lambda_adv: f64,
+    pub lambda_lpips: f64,
+    // Ours.
+    /// Stop after this many steps (the run's length for the LR schedule when shorter).
+    pub max_steps: Option<u64>,
+    /// Stop cleanly after this wall time, e.g. "5h50m".
+    pub max_runtime: Option<String>,
+    /// Seed of the initialisation, the data order and the latent noise.
+    pub seed: u64,
+    pub adaptive_weights: bool,
+    pub freq_alpha: f64,
+    pub mse_weight: f64,
+    pub ema_decay: f64,
+    /// f32 or f64.
+    pub dtype: String,
+    /// cpu, cuda or cuda:N.
+    pub device: String,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        Self {
+            n_epochs: 1,
+            batch_size: 1,
+            workers: 4,
+            lr: 1e-5,
+            lr_min: 0.1,
+            training_steps: 1,
+            use_fp16: false,
+            initial_clipping_norm: 1.0,
+            preserve_lr: true,
+            train_vae: true,
+            gan_training: false,
+            use_lpips: false,
+            train_spade: true,
+            train_diff: false,
+            train_diff_full: false,
+            kl_beta: 0.0001,
+            kl_warmup_steps: 5000,
+            kl_free_bits: 0.0,
+            lambda_adv: 0.5,
+            lambda_lpips: 0.1,
+            max_steps: None,
+            max_runtime: None,
+            seed: 42,
+            adaptive_weights: true,
+            freq_alpha: 1.0,
+            mse_weight: 0.1,
+            ema_decay: 0.999,
+            dtype: "f32".into(),
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// `optimization:`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizationSection {
+    /// The optimizer/scheduler JSON.
+    pub optim_sched_config: Option<PathBuf>,
+}
+
+/// A sample size: a square side or [width, height] (flow sampling only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SampleSize {
+    Square(u32),
+    Rect([u32; 2]),
+}
+
+/// `output:`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputSection {
+    pub output_path: PathBuf,
+    pub log_interval: u64,
+    pub checkpoint_save_interval: u64,
+    /// A template reconstruction every this many checkpoints.
+    pub samples_per_checkpoint: u64,
+    pub no_samples: bool,
+    pub test_image_address: Vec<PathBuf>,
+    /// Flow sampling only.
+    pub sample_captions: Vec<String>,
+    /// Flow sampling only.
+    pub sample_sizes: Vec<SampleSize>,
+    pub log_level: String,
+    pub log_file: Option<PathBuf>,
+    pub generate_diagrams: bool,
+    /// Ours: complete checkpoints kept.
+    pub keep_last: usize,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            output_path: PathBuf::from("outputs/flux"),
+            log_interval: 10,
+            checkpoint_save_interval: 50,
+            samples_per_checkpoint: 1,
+            no_samples: false,
+            test_image_address: Vec::new(),
+            sample_captions: Vec::new(),
+            sample_sizes: Vec::new(),
+            log_level: "INFO".into(),
+            log_file: None,
+            generate_diagrams: false,
+            keep_last: 3,
+        }
+    }
+}

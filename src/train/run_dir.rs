@@ -1,0 +1,197 @@
+//! A run's output folder and its checkpoints. Each checkpoint is a folder
+//! `checkpoints/step-NNNNNNNN/` written whole under a temporary name, fsynced and renamed, so
+//! the previous complete checkpoint always survives a crash, a full disk or a kill; only then
+//! are the oldest beyond `keep_last` removed. A checkpoint lists its files and their sizes in
+//! `state.json` (written last), which is how a damaged one is recognised.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The file a checkpoint's manifest and loop state live in.
+pub const STATE_FILE: &str = "state.json";
+/// The effective configuration kept in a run folder.
+pub const CONFIG_FILE: &str = "run.yaml";
+/// Test hook: a file name whose writes fail (simulating a full disk or an I/O error).
+pub const INJECT_FAILURE_ENV: &str = "FLUXFLOW_INJECT_WRITE_FAILURE";
+
+/// A run's output folder.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+/// The manifest part of `state.json`: file name -> size in bytes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub files: BTreeMap<String, u64>,
+}
+
+impl RunDir {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    pub fn graph(&self) -> PathBuf {
+        self.root.join("graph")
+    }
+
+    pub fn samples(&self) -> PathBuf {
+        self.root.join("samples")
+    }
+
+    /// Whether the folder already holds a run (its config copy or a checkpoint).
+    pub fn has_run(&self) -> bool {
+        self.root.join(CONFIG_FILE).exists() || !self.list().unwrap_or_default().is_empty()
+    }
+
+    /// Creates the folder structure; the error names the folder.
+    pub fn create(&self) -> Result<()> {
+        for d in [self.root.clone(), self.checkpoints(), self.graph(), self.samples()] {
+            fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create the output folder {}", d.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Complete checkpoints, newest first: (step, folder).
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let dir = self.checkpoints();
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+                out.push((step, e.path()));
+            }
+        }
+        out.sort_by(|a, b| b.0.cmp(&a.0));
+        Ok(out)
+    }
+
+    /// Writes a checkpoint for `step` from (file name, bytes) pairs plus `state` (JSON) as
+    /// `state.json` with the manifest, atomically, then keeps only the newest `keep_last`.
+    pub fn save_checkpoint(
+        &self,
+        step: u64,
+        files: &[(&str, Vec<u8>)],
+        state: serde_json::Value,
+        keep_last: usize,
+    ) -> Result<PathBuf> {
+        let dir = self.checkpoints();
+        let name = format!("step-{step:08}");
+        let partial = dir.join(format!(".partial-{name}"));
+        let fin = dir.join(&name);
+        if partial.exists() {
+            fs::remove_dir_all(&partial)
+                .with_context(|| format!("cannot remove {}", partial.display()))?;
+        }
+        let result = (|| -> Result<()> {
+            fs::create_dir_all(&partial)
+                .with_context(|| format!("cannot create {}", partial.display()))?;
+            let mut manifest = Manifest::default();
+            for (file, bytes) in files {
+                write_synced(&partial.join(file), bytes)?;
+                manifest.files.insert(file.to_string(), bytes.len() as u64);
+            }
+            let mut state = state;
+            if let serde_json::Value::Object(m) = &mut state {
+                m.insert("manifest".into(), serde_json::to_value(&manifest)?);
+            }
+            write_synced(&partial.join(STATE_FILE), &serde_json::to_vec_pretty(&state)?)?;
+            sync_dir(&partial);
+            if fin.exists() {
+                // The same step saved again (a stop right after a resume): replace it.
+                let old = dir.join(format!(".old-{name}"));
+                let _ = fs::remove_dir_all(&old);
+                fs::rename(&fin, &old)?;
+                fs::rename(&partial, &fin)?;
+                let _ = fs::remove_dir_all(&old);
+            } else {
+                fs::rename(&partial, &fin)
+                    .with_context(|| format!("cannot rename {}", partial.display()))?;
+            }
+            sync_dir(&dir);
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_dir_all(&partial);
+            return Err(e.context(format!(
+                "cannot write the checkpoint of step {step} in {}; the previous checkpoint is intact",
+                dir.display()
+            )));
+        }
+        for (_, old) in self.list()?.into_iter().skip(keep_last.max(1)) {
+            let _ = fs::remove_dir_all(old);
+        }
+        Ok(fin)
+    }
+
+    /// Reads a checkpoint's `state.json` and checks every file of its manifest is there with
+    /// its size. Any problem is an error naming the checkpoint.
+    pub fn verify(&self, ckpt: &Path) -> Result<serde_json::Value> {
+        let state_path = ckpt.join(STATE_FILE);
+        let text = fs::read(&state_path)
+            .with_context(|| format!("cannot read {}", state_path.display()))?;
+        let state: serde_json::Value = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is damaged (not valid JSON)", state_path.display()))?;
+        let manifest: Manifest = serde_json::from_value(
+            state
+                .get("manifest")
+                .cloned()
+                .ok_or_else(|| anyhow!("{} has no manifest", state_path.display()))?,
+        )?;
+        for (file, size) in &manifest.files {
+            let p = ckpt.join(file);
+            let actual = fs::metadata(&p)
+                .with_context(|| format!("{} is missing", p.display()))?
+                .len();
+            if actual != *size {
+                bail!("{} has {actual} bytes, {size} were written", p.display());
+            }
+        }
+        Ok(state)
+    }
+}
+
+/// Writes and fsyncs a file (honouring the failure-injection hook).
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut f =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    if std::env::var(INJECT_FAILURE_ENV).is_ok_and(|v| !v.is_empty() && name.contains(&v)) {
+        f.write_all(&bytes[..bytes.len() / 2])?;
+        bail!(
+            "cannot write {}: No space left on device (injected failure)",
+            path.display()
+        );
+    }
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("cannot flush {}", path.display()))?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        // Makes renames durable; some filesystems refuse fsync on folders.
+        let _ = d.sync_all();
+    }
+}
