@@ -2,12 +2,14 @@
 //!
 //! `model` ports the PyTorch reference (fluxflow-core) layer for layer, `checkpoint` reads and
 //! writes its safetensors files, `train` holds the training machinery, `config` the training
-//! configuration, `image_io` the image conversions used by the commands.
+//! configuration, `data` the image folder pipeline, `image_io` the image conversions used by
+//! the commands.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod data;
 pub mod image_io;
 pub mod model;
 pub mod nn;

@@ -1,0 +1,271 @@
+//! Scanning the data folder: image files found recursively, sizes from headers only (cached),
+//! training sizes by the reference rule after the `img_size` cap, captions attached.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use anyhow::{bail, Context, Result};
+
+use super::cache::{self, FileStamp, Header};
+use super::captions::Captions;
+use super::{BadFile, Dataset, Entry};
+use crate::image_io::training_size;
+
+/// File extensions (compared case-insensitively) taken as images; everything else is ignored.
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+/// Scans `root` recursively for JPEG/PNG/WebP files (sorted by relative path), reads their
+/// headers for the sizes and groups them by training size, reusing
+/// `<cache_dir>/<hash>.dimensions.json` when the listing (paths, modification times, lengths),
+/// the folder and `img_size` are unchanged (a missing or corrupt cache is rebuilt).
+///
+/// Files whose header is empty, truncated or unreadable are left out and listed in
+/// `Dataset::bad`. Symlinked files are followed, symlinked folders are not (no loops).
+/// Errors: a missing or empty folder, or one without a single usable image ("no images found
+/// in <folder>"); an unreadable or malformed captions file; `img_size` of 0; a cache that
+/// cannot be written.
+pub fn scan(
+    root: &Path,
+    captions: Option<&Path>,
+    img_size: Option<u32>,
+    cache_dir: &Path,
+) -> Result<Dataset> {
+    if img_size == Some(0) {
+        bail!("data.img_size must be positive, got 0");
+    }
+    if !root.is_dir() {
+        bail!(
+            "no images found in {}: the data folder does not exist or is not a folder",
+            root.display()
+        );
+    }
+    let captions = captions.map(Captions::read).transpose()?;
+    let (files, mut bad) = list_images(root)?;
+    if files.is_empty() {
+        bail!(
+            "no images found in {} (looked for .jpg, .jpeg, .png and .webp files, recursively)",
+            root.display()
+        );
+    }
+
+    let canonical = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let key = cache::key(&canonical, img_size, &files);
+    let cache_file = cache_dir.join(format!("{key:016x}.dimensions.json"));
+    let (headers, from_cache) = match cache::load(&cache_file, &files) {
+        Some(h) => (h, true),
+        None => {
+            let h = read_headers(root, &files);
+            cache::store(&cache_file, img_size, &files, &h, |w, h| {
+                bucket_size(w, h, img_size)
+            })?;
+            (h, false)
+        }
+    };
+
+    let mut entries = Vec::with_capacity(files.len());
+    for (f, h) in files.iter().zip(headers) {
+        match h {
+            Header::Size(w, h) => entries.push(Entry {
+                path: f.rel.clone(),
+                original: (w, h),
+                size: bucket_size(w, h, img_size),
+                caption: captions
+                    .as_ref()
+                    .and_then(|c| c.lookup(&f.rel))
+                    .map(str::to_string),
+            }),
+            Header::Bad(reason) => bad.push(BadFile {
+                path: root.join(&f.rel),
+                reason,
+            }),
+        }
+    }
+    if entries.is_empty() {
+        let first = bad
+            .first()
+            .map(|b| format!(" (first: {}: {})", b.path.display(), b.reason))
+            .unwrap_or_default();
+        bail!(
+            "no images found in {}: none of its {} image files is readable{first}",
+            root.display(),
+            files.len()
+        );
+    }
+    let unmatched_captions = captions
+        .as_ref()
+        .map_or(0, |c| c.unmatched(entries.iter().map(|e| e.path.as_path())));
+    Ok(Dataset {
+        root: root.to_path_buf(),
+        entries,
+        bad,
+        cache_file,
+        from_cache,
+        unmatched_captions,
+    })
+}
+
+/// The size an image of `w` x `h` is trained at: if `img_size` is set and the longer side
+/// exceeds it, both sides are first scaled by `img_size / longer` (the longer side becomes
+/// exactly `img_size`, the shorter is rounded half up, at least 1), then the reference rule
+/// ([`training_size`]: multiples of 16, least distortion, smallest area) applies. With an
+/// `img_size` that is not a multiple of 16 the result may therefore exceed it by up to 15.
+pub fn bucket_size(w: u32, h: u32, img_size: Option<u32>) -> (u32, u32) {
+    let (w, h) = capped_size(w, h, img_size);
+    training_size(w, h)
+}
+
+/// (w, h) with the longer side scaled down to `img_size` (see [`bucket_size`]).
+pub fn capped_size(w: u32, h: u32, img_size: Option<u32>) -> (u32, u32) {
+    let long = w.max(h);
+    match img_size {
+        Some(cap) if cap > 0 && long > cap => {
+            let scale = |s: u32| -> u32 {
+                let (s, cap, long) = (s as u64, cap as u64, long as u64);
+                ((s * cap + long / 2) / long).max(1) as u32
+            };
+            (scale(w), scale(h))
+        }
+        _ => (w, h),
+    }
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+/// Image files under `root`, sorted by relative path; unreadable subfolders become BadFiles.
+fn list_images(root: &Path) -> Result<(Vec<FileStamp>, Vec<BadFile>)> {
+    let mut files = Vec::new();
+    let mut bad = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let dir = root.join(&rel_dir);
+        let read = match fs::read_dir(&dir) {
+            Ok(r) => r,
+            Err(e) if rel_dir.as_os_str().is_empty() => {
+                return Err(e)
+                    .with_context(|| format!("cannot list the data folder {}", dir.display()))
+            }
+            Err(e) => {
+                bad.push(BadFile {
+                    path: dir,
+                    reason: format!("cannot list folder: {e}"),
+                });
+                continue;
+            }
+        };
+        for item in read {
+            let item = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    bad.push(BadFile {
+                        path: dir.clone(),
+                        reason: format!("cannot list folder: {e}"),
+                    });
+                    break;
+                }
+            };
+            let rel = rel_dir.join(item.file_name());
+            let is_real_dir = item.file_type().is_ok_and(|t| t.is_dir());
+            if is_real_dir {
+                stack.push(rel);
+                continue;
+            }
+            if !is_image(&rel) {
+                continue;
+            }
+            match fs::metadata(item.path()) {
+                Ok(m) if m.is_file() => files.push(FileStamp {
+                    rel,
+                    mtime_ns: m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos()),
+                    len: m.len(),
+                }),
+                Ok(_) => {} // a symlink to a folder, or something that is not a file
+                Err(e) => bad.push(BadFile {
+                    path: item.path(),
+                    reason: format!("cannot stat: {e}"),
+                }),
+            }
+        }
+    }
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok((files, bad))
+}
+
+/// Reads every header, split over the available cores; results in `files` order.
+fn read_headers(root: &Path, files: &[FileStamp]) -> Vec<Header> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let chunk = files.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|f| read_header(&root.join(&f.rel), f.len))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(files.chunks(chunk))
+            .flat_map(|(h, part)| {
+                h.join().unwrap_or_else(|_| {
+                    vec![Header::Bad("the header reader panicked".into()); part.len()]
+                })
+            })
+            .collect()
+    })
+}
+
+fn read_header(path: &Path, len: u64) -> Header {
+    if len == 0 {
+        return Header::Bad("empty file".into());
+    }
+    let reader = match image::ImageReader::open(path).and_then(|r| r.with_guessed_format()) {
+        Ok(r) => r,
+        Err(e) => return Header::Bad(format!("cannot open: {e}")),
+    };
+    match reader.into_dimensions() {
+        Ok((w, h)) if w > 0 && h > 0 => Header::Size(w, h),
+        Ok((w, h)) => Header::Bad(format!("header gives an empty size {w}x{h}")),
+        Err(e) => Header::Bad(format!("unreadable image header: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_scales_the_longer_side_then_applies_the_rule() {
+        assert_eq!(capped_size(640, 480, Some(64)), (64, 48));
+        assert_eq!(bucket_size(640, 480, Some(64)), (64, 48));
+        assert_eq!(capped_size(480, 640, Some(64)), (48, 64));
+        // 100 * 64 / 300 = 21.33 -> 21; 3 * 64 / 128 = 1.5 -> 2 (half up).
+        assert_eq!(capped_size(300, 100, Some(64)), (64, 21));
+        assert_eq!(capped_size(128, 3, Some(64)), (64, 2));
+        assert_eq!(capped_size(1000, 1, Some(64)), (64, 1));
+        // Below the cap, or no cap: unchanged.
+        assert_eq!(capped_size(50, 40, Some(64)), (50, 40));
+        assert_eq!(bucket_size(640, 480, None), training_size(640, 480));
+    }
+
+    #[test]
+    fn only_image_extensions_count_whatever_their_case() {
+        for p in ["a.jpg", "a.JPEG", "b/c.Png", "x.webp"] {
+            assert!(is_image(Path::new(p)), "{p}");
+        }
+        for p in ["a.txt", "a.gif", "png", "a.png.tmp", "a"] {
+            assert!(!is_image(Path::new(p)), "{p}");
+        }
+    }
+}
