@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde_json::{json, Map, Value};
 
-use crate::image_io::{from_tensor, load_rgb, save_image, to_tensor, training_size};
+use crate::data::scan::bucket_size;
+use crate::image_io::{from_tensor, load_rgb, save_image, to_tensor};
 use crate::model::{FluxModel, Noise};
 
 /// One template image, at its training size.
@@ -33,8 +34,7 @@ pub fn load_templates(
             let img = load_rgb(p)
                 .with_context(|| format!("output.test_image_address: {}", p.display()))?;
             let (w, h) = img.dimensions();
-            let (cw, ch) = capped(w, h, img_size);
-            let (tw, th) = training_size(cw, ch);
+            let (tw, th) = bucket_size(w, h, img_size);
             let img = if (tw, th) == (w, h) {
                 img
             } else {
@@ -51,20 +51,6 @@ pub fn load_templates(
             })
         })
         .collect()
-}
-
-/// The size after the `img_size` cap on the longer side (aspect kept, rounded).
-pub fn capped(w: u32, h: u32, img_size: Option<u32>) -> (u32, u32) {
-    match img_size {
-        Some(cap) if w.max(h) > cap => {
-            let s = cap as f64 / w.max(h) as f64;
-            (
-                ((w as f64 * s).round() as u32).max(1),
-                ((h as f64 * s).round() as u32).max(1),
-            )
-        }
-        _ => (w, h),
-    }
 }
 
 /// Reconstructs every template at `step`; returns `{stem: {"r": [min, max, mean], ...}}`.
