@@ -2,7 +2,7 @@
 //!
 //! `model` ports the PyTorch reference (fluxflow-core) layer for layer, `checkpoint` reads and
 //! writes its safetensors files, `train` holds the training machinery, `image_io` the image
-//! conversions used by the commands.
+//! conversions used by the commands, `report` the summary, plots and sample galleries of a run.
 
 pub mod checkpoint;
 pub mod cli;
@@ -11,4 +11,5 @@ pub mod image_io;
 pub mod model;
 pub mod nn;
 pub mod params;
+pub mod report;
 pub mod train;
