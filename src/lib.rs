@@ -3,7 +3,7 @@
 //! `model` ports the PyTorch reference (fluxflow-core) layer for layer, `checkpoint` reads and
 //! writes its safetensors files, `train` holds the training machinery, `config` the training
 //! configuration, `data` the image folder pipeline, `image_io` the image conversions used by
-//! the commands.
+//! the commands, `report` the summary, plots and sample galleries of a run.
 
 pub mod checkpoint;
 pub mod cli;
@@ -14,4 +14,5 @@ pub mod image_io;
 pub mod model;
 pub mod nn;
 pub mod params;
+pub mod report;
 pub mod train;
