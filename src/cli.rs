@@ -17,6 +17,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train the VAE (with no --config: the embedded quickstart on generated images).
+    Train(TrainArgs),
+    /// Continue a run from its newest complete checkpoint (after a shutdown or a stop).
+    Resume(ResumeArgs),
+    /// Regenerate a run's summary, plots, galleries and report.md.
+    Report(ReportArgs),
     /// Encode and decode one image with a checkpoint and print the PSNR.
     Reconstruct(ReconstructArgs),
     /// Describe a checkpoint: detected dimensions, parameters per component, tensors, dtypes.
@@ -58,4 +64,45 @@ pub struct ReconstructArgs {
 pub struct InfoArgs {
     /// The model file to describe.
     pub checkpoint: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// The configuration (YAML); default: the embedded quickstart.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// The image folder (data.data_path).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The output folder (output.output_path).
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Stop after this many steps (training.max_steps).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// cpu, cuda or cuda:N (training.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Override any setting: --set training.lr=1e-5 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Start over in an output folder that already holds a run (deletes its checkpoints,
+    /// logs and samples).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResumeArgs {
+    /// The run folder; default: the most recently updated run under ./runs.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// The run folder (ours or a PyTorch reference run with graph/training_metrics.jsonl);
+    /// default: the most recently updated run under ./runs.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
 }

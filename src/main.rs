@@ -34,6 +34,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Info(args) => println!("{}", commands::info::run(&args)?),
+        Command::Train(args) => println!("{}", commands::train::train(&args)?),
+        Command::Resume(args) => println!("{}", commands::train::resume(&args)?),
+        Command::Report(args) => println!("{}", commands::train::report(&args)?),
     }
     Ok(())
 }

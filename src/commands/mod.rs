@@ -2,6 +2,7 @@
 
 pub mod info;
 pub mod reconstruct;
+pub mod train;
 
 use anyhow::{bail, Result};
 use candle_core::Device;

@@ -50,17 +50,16 @@ pub struct Overrides {
 impl Config {
     /// Parses YAML text from `source` (a path or "<embedded quickstart>") with overrides.
     pub fn parse(text: &str, source: &str, overrides: &Overrides) -> Result<Self> {
-        let mut tree: Value = serde_yaml::from_str(text)
-            .with_context(|| format!("{source} is not valid YAML"))?;
+        let mut tree: Value =
+            serde_yaml::from_str(text).with_context(|| format!("{source} is not valid YAML"))?;
         if tree.is_null() {
             tree = Value::Mapping(Default::default());
         }
         for s in &overrides.set {
             apply_set(&mut tree, s).with_context(|| format!("--set {s}"))?;
         }
-        let mut cfg: Config = serde_yaml::from_value(tree).map_err(|e| {
-            anyhow::anyhow!("{source}: {e} (check the key's spelling and section)")
-        })?;
+        let mut cfg: Config = serde_yaml::from_value(tree)
+            .map_err(|e| anyhow::anyhow!("{source}: {e} (check the key's spelling and section)"))?;
         if let Some(d) = &overrides.data {
             cfg.data.data_path = Some(d.clone());
         }
@@ -73,7 +72,8 @@ impl Config {
         if let Some(d) = &overrides.device {
             cfg.training.device = d.clone();
         }
-        cfg.validate().with_context(|| format!("invalid configuration in {source}"))?;
+        cfg.validate()
+            .with_context(|| format!("invalid configuration in {source}"))?;
         Ok(cfg)
     }
 
@@ -91,10 +91,22 @@ impl Config {
         let unsupported = [
             (t.gan_training, "training.gan_training", "GAN training"),
             (t.use_lpips, "training.use_lpips", "the LPIPS loss"),
-            (t.train_diff, "training.train_diff", "flow (diffusion) training"),
-            (t.train_diff_full, "training.train_diff_full", "flow (diffusion) training"),
+            (
+                t.train_diff,
+                "training.train_diff",
+                "flow (diffusion) training",
+            ),
+            (
+                t.train_diff_full,
+                "training.train_diff_full",
+                "flow (diffusion) training",
+            ),
             (t.use_fp16, "training.use_fp16", "fp16 mixed precision"),
-            (d.use_webdataset, "data.use_webdataset", "WebDataset streaming"),
+            (
+                d.use_webdataset,
+                "data.use_webdataset",
+                "WebDataset streaming",
+            ),
             (d.use_tt2m, "data.use_tt2m", "WebDataset streaming"),
         ];
         for (on, key, what) in unsupported {
@@ -109,10 +121,16 @@ impl Config {
             bail!("training.train_vae: false leaves nothing to train (flow training is not supported yet)");
         }
         if d.channels != 3 {
-            bail!("data.channels: only 3 (RGB) is supported, got {}", d.channels);
+            bail!(
+                "data.channels: only 3 (RGB) is supported, got {}",
+                d.channels
+            );
         }
         if t.training_steps != 1 {
-            bail!("training.training_steps: only 1 is supported, got {}", t.training_steps);
+            bail!(
+                "training.training_steps: only 1 is supported, got {}",
+                t.training_steps
+            );
         }
         if self.output.log_file.is_some() {
             bail!("output.log_file: writing logs to a file is not supported; redirect the output instead");
@@ -123,8 +141,14 @@ impl Config {
             ("training.lr", t.lr),
             ("training.initial_clipping_norm", t.initial_clipping_norm),
             ("output.log_interval", self.output.log_interval as f64),
-            ("output.checkpoint_save_interval", self.output.checkpoint_save_interval as f64),
-            ("output.samples_per_checkpoint", self.output.samples_per_checkpoint as f64),
+            (
+                "output.checkpoint_save_interval",
+                self.output.checkpoint_save_interval as f64,
+            ),
+            (
+                "output.samples_per_checkpoint",
+                self.output.samples_per_checkpoint as f64,
+            ),
             ("output.keep_last", self.output.keep_last as f64),
         ];
         for (key, v) in positive {
@@ -230,9 +254,7 @@ impl Config {
 
 /// Applies `section.key=value` (value parsed as YAML) to the tree.
 fn apply_set(tree: &mut Value, s: &str) -> Result<()> {
-    let (path, value) = s
-        .split_once('=')
-        .context("expected section.key=value")?;
+    let (path, value) = s.split_once('=').context("expected section.key=value")?;
     let value: Value = serde_yaml::from_str(value).context("the value is not valid YAML")?;
     let keys: Vec<&str> = path.trim().split('.').collect();
     if keys.iter().any(|k| k.is_empty()) {
@@ -297,7 +319,10 @@ mod tests {
     fn durations_parse() {
         assert_eq!(parse_duration("5h50m").unwrap(), Duration::from_secs(21000));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("1h30m15s").unwrap(), Duration::from_secs(5415));
+        assert_eq!(
+            parse_duration("1h30m15s").unwrap(),
+            Duration::from_secs(5415)
+        );
         assert!(parse_duration("5 hours").is_err());
         assert!(parse_duration("5h50").is_err());
         assert!(parse_duration("0").is_err());

@@ -57,7 +57,12 @@ impl RunDir {
 
     /// Creates the folder structure; the error names the folder.
     pub fn create(&self) -> Result<()> {
-        for d in [self.root.clone(), self.checkpoints(), self.graph(), self.samples()] {
+        for d in [
+            self.root.clone(),
+            self.checkpoints(),
+            self.graph(),
+            self.samples(),
+        ] {
             fs::create_dir_all(&d)
                 .with_context(|| format!("cannot create the output folder {}", d.display()))?;
         }
@@ -74,7 +79,10 @@ impl RunDir {
         for e in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(step) = name
+                .strip_prefix("step-")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 out.push((step, e.path()));
             }
         }
@@ -111,7 +119,10 @@ impl RunDir {
             if let serde_json::Value::Object(m) = &mut state {
                 m.insert("manifest".into(), serde_json::to_value(&manifest)?);
             }
-            write_synced(&partial.join(STATE_FILE), &serde_json::to_vec_pretty(&state)?)?;
+            write_synced(
+                &partial.join(STATE_FILE),
+                &serde_json::to_vec_pretty(&state)?,
+            )?;
             sync_dir(&partial);
             if fin.exists() {
                 // The same step saved again (a stop right after a resume): replace it.

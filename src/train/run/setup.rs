@@ -39,7 +39,11 @@ fn dtype_of(cfg: &Config) -> DType {
 }
 
 /// Finds (or generates) and scans the data, before any model is built.
-fn prepare_data(cfg: &Config, dir: &RunDir, events: &mut dyn Events) -> Result<(Dataset, Vec<PathBuf>)> {
+fn prepare_data(
+    cfg: &Config,
+    dir: &RunDir,
+    events: &mut dyn Events,
+) -> Result<(Dataset, Vec<PathBuf>)> {
     let mut templates = cfg.output.test_image_address.clone();
     let root = match &cfg.data.synthetic {
         Some(s) => {
@@ -50,7 +54,11 @@ fn prepare_data(cfg: &Config, dir: &RunDir, events: &mut dyn Events) -> Result<(
             } else {
                 events.log(
                     Level::Info,
-                    &format!("generating {} synthetic images in {}", s.count, root.display()),
+                    &format!(
+                        "generating {} synthetic images in {}",
+                        s.count,
+                        root.display()
+                    ),
                 );
                 synthetic::generate(&root, s.count, size, s.seed)?
             };
@@ -62,9 +70,10 @@ fn prepare_data(cfg: &Config, dir: &RunDir, events: &mut dyn Events) -> Result<(
                     all = walk_pngs(&root)?;
                 }
                 for want in [size, second] {
-                    if let Some(p) = all.iter().find(|p| {
-                        image::image_dimensions(p).is_ok_and(|(w, h)| (w, h) == want)
-                    }) {
+                    if let Some(p) = all
+                        .iter()
+                        .find(|p| image::image_dimensions(p).is_ok_and(|(w, h)| (w, h) == want))
+                    {
                         templates.push(p.clone());
                     }
                 }
@@ -79,7 +88,12 @@ fn prepare_data(cfg: &Config, dir: &RunDir, events: &mut dyn Events) -> Result<(
     };
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("cannot create the output folder {}", dir.root.display()))?;
-    let dataset = scan(&root, cfg.data.captions_file.as_deref(), cfg.data.img_size, &dir.root)?;
+    let dataset = scan(
+        &root,
+        cfg.data.captions_file.as_deref(),
+        cfg.data.img_size,
+        &dir.root,
+    )?;
     for bad in &dataset.bad {
         events.log(
             Level::Warn,
@@ -109,7 +123,10 @@ fn optim_file(cfg: &Config, base: Option<&Path>) -> Result<(OptimFile, Option<St
                 _ => p.clone(),
             };
             let text = std::fs::read_to_string(&p).with_context(|| {
-                format!("optimization.optim_sched_config: cannot read {}", p.display())
+                format!(
+                    "optimization.optim_sched_config: cannot read {}",
+                    p.display()
+                )
             })?;
             let f = OptimFile::parse(&text).with_context(|| format!("in {}", p.display()))?;
             Ok((f, Some(text)))
@@ -141,7 +158,14 @@ pub fn start(
                     .with_context(|| format!("cannot remove {}", p.display()))?;
             }
         }
-        for f in [CONFIG_FILE, OPTIM_FILE, MODEL_FILE, TEXT_FILE, "training_state.json", "lr_sav.json"] {
+        for f in [
+            CONFIG_FILE,
+            OPTIM_FILE,
+            MODEL_FILE,
+            TEXT_FILE,
+            "training_state.json",
+            "lr_sav.json",
+        ] {
             let _ = std::fs::remove_file(dir.root.join(f));
         }
     }
@@ -187,7 +211,10 @@ pub fn start(
     let opt = optim::build("vae", &vae_spec, vae_params(&model))?;
     let sched = Scheduler::build("vae", &sched_spec, vae_spec.lr(), total)?;
     let trainer = VaeTrainer::new(cfg.step_config(), &model, opt, sched)?;
-    write_atomic(&dir.root.join(CONFIG_FILE), serde_yaml::to_string(&cfg)?.as_bytes())?;
+    write_atomic(
+        &dir.root.join(CONFIG_FILE),
+        serde_yaml::to_string(&cfg)?.as_bytes(),
+    )?;
 
     let mut session = Session::new();
     session.save(&dir.graph().join("session.json"))?;
@@ -263,7 +290,10 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
         }
     }
     let Some((model, trainer, state)) = restored else {
-        bail!("no checkpoint in {} could be restored", dir.checkpoints().display());
+        bail!(
+            "no checkpoint in {} could be restored",
+            dir.checkpoints().display()
+        );
     };
     let mut sampler = BatchSampler::new(&dataset, cfg.training.batch_size, cfg.training.seed)?;
     sampler

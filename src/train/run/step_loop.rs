@@ -1,0 +1,506 @@
+//! The step loop: batches from the loader, training steps, metrics rows, checkpoints, template
+//! samples, and the clean stops (end, max_steps, max_runtime, signals).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::{json, Map, Value};
+
+use super::events::{Events, Level, Progress};
+use super::setup::{MODEL_FILE, TRAINER_FILE};
+use super::state::{reference_lrs, reference_training_state, LoopState};
+use super::{RunSummary, StopReason, StopSignal};
+use crate::checkpoint::{
+    to_safetensors_bytes, to_safetensors_bytes_exact, write_atomic, TEXT_FILE,
+};
+use crate::config::{Config, OptimFile};
+use crate::data::{BatchSampler, Dataset, Loader, LoaderConfig, SamplerState};
+use crate::model::{FluxModel, Noise, DIFFUSER, TEXT};
+use crate::train::adaptive::RollingMean;
+use crate::train::loss::kl_beta;
+use crate::train::metrics::{MetricsLog, Session};
+use crate::train::run_dir::RunDir;
+use crate::train::sample::{write_samples, Template};
+use crate::train::step::{StepOutcome, VaeTrainer};
+
+/// Everything a session of training holds.
+pub(super) struct Run {
+    pub cfg: Config,
+    pub dir: RunDir,
+    pub device: Device,
+    pub dtype: DType,
+    pub model: FluxModel,
+    pub trainer: VaeTrainer,
+    pub dataset: Dataset,
+    pub sampler: BatchSampler,
+    pub templates: Vec<Template>,
+    pub metrics: MetricsLog,
+    pub session: Session,
+    /// Learning rates of flow, text encoder and discriminator (not trained in Phase 1).
+    pub other_lrs: [f64; 3],
+    pub bad_files: u64,
+    /// The restored loop state (None for a new run).
+    pub state: Option<LoopState>,
+}
+
+/// The latent noise of a step: a stream seeded by (seed, global step), so a resumed run draws
+/// exactly what the uninterrupted one drew.
+fn step_rng(seed: u64, step: u64) -> StdRng {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// Mutable counters of the loop.
+struct Counters {
+    global_step: u64,
+    sampler: SamplerState,
+    checkpoints_written: u64,
+    last_checkpoint_step: Option<u64>,
+    last_sample_step: Option<u64>,
+    elapsed_before: f64,
+    vae_avg: RollingMean,
+    kl_avg: RollingMean,
+}
+
+impl Run {
+    /// Prints the effective settings and warnings.
+    pub fn describe(
+        &self,
+        ev: &mut dyn Events,
+        optim: &OptimFile,
+        spe: u64,
+        planned: u64,
+        total: u64,
+    ) {
+        let c = &self.cfg;
+        let buckets = self.dataset.buckets();
+        ev.log(
+            Level::Info,
+            &format!(
+                "data: {} images in {} from {} size bucket(s); {} unreadable file(s) skipped",
+                self.dataset.len(),
+                self.dataset.root.display(),
+                buckets.len(),
+                self.dataset.bad.len()
+            ),
+        );
+        let stop = match (c.training.max_steps, &c.training.max_runtime) {
+            (Some(m), _) if m < planned => format!(" (max_steps {m} of {planned})"),
+            _ => String::new(),
+        };
+        ev.log(
+            Level::Info,
+            &format!(
+                "{} epoch(s) x {spe} steps per epoch (batch {}): {total} steps{stop}{}",
+                c.training.n_epochs,
+                c.training.batch_size,
+                c.training
+                    .max_runtime
+                    .as_ref()
+                    .map(|r| format!("; stops cleanly after {r}"))
+                    .unwrap_or_default()
+            ),
+        );
+        let params: usize = crate::train::step::vae_params(&self.model)
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        ev.log(
+            Level::Info,
+            &format!(
+                "model: vae_dim {}, {} trainable VAE parameters, {:?} on {:?}",
+                c.model.vae_dim, params, self.dtype, self.device
+            ),
+        );
+        for model in ["vae", "flow", "text_encoder"] {
+            let source = if optim.optimizers.contains_key(model) {
+                "optimizer JSON"
+            } else {
+                "reference default"
+            };
+            let trained = if model == "vae" {
+                "trained"
+            } else {
+                "not trained in Phase 1"
+            };
+            if let Ok(spec) = optim.optimizer(model, c.training.lr) {
+                ev.log(
+                    Level::Info,
+                    &format!(
+                        "optimizer {model}: {} lr {:e} ({source}; {trained})",
+                        spec.kind(),
+                        spec.lr()
+                    ),
+                );
+            }
+        }
+        if let Ok(s) = optim.scheduler("vae", c.training.lr_min, total) {
+            ev.log(
+                Level::Info,
+                &format!(
+                    "scheduler vae: {}",
+                    serde_json::to_string(&s).unwrap_or_default()
+                ),
+            );
+        }
+        for w in c.warnings() {
+            ev.log(Level::Warn, &w);
+        }
+    }
+
+    /// Runs steps until the end of the run or a stop; always ends with a complete checkpoint.
+    pub fn run(
+        mut self,
+        ev: &mut dyn Events,
+        stop: &StopSignal,
+        fresh: bool,
+    ) -> Result<RunSummary> {
+        let session_start = Instant::now();
+        let window = (2 * self.cfg.output.log_interval as usize).max(10);
+        let mut n = match &self.state {
+            Some(s) => Counters {
+                global_step: s.global_step,
+                sampler: s.sampler,
+                checkpoints_written: s.checkpoints_written,
+                last_checkpoint_step: Some(s.global_step),
+                last_sample_step: s.last_sample_step,
+                elapsed_before: s.elapsed_secs,
+                vae_avg: s.vae_avg.clone(),
+                kl_avg: s.kl_avg.clone(),
+            },
+            None => Counters {
+                global_step: 0,
+                sampler: SamplerState::default(),
+                checkpoints_written: 0,
+                last_checkpoint_step: None,
+                last_sample_step: None,
+                elapsed_before: 0.0,
+                vae_avg: RollingMean::new(window),
+                kl_avg: RollingMean::new(window),
+            },
+        };
+        let spe = self.sampler.batches_per_epoch() as u64;
+        let planned = self.cfg.training.n_epochs * spe;
+        let total = self.state.as_ref().map_or_else(
+            || {
+                self.cfg
+                    .training
+                    .max_steps
+                    .map_or(planned, |m| m.min(planned))
+            },
+            |s| s.total_steps,
+        );
+        let workers = self.cfg.training.workers.max(1);
+        let mut loader = Loader::new(
+            &self.dataset,
+            self.sampler.clone(),
+            n.sampler,
+            LoaderConfig {
+                workers,
+                prefetch: 4,
+            },
+        )?;
+        if fresh && !self.cfg.output.no_samples {
+            self.sample(&mut n, ev)?;
+        }
+        ev.start(total, n.global_step);
+        let max_runtime = self.cfg.max_runtime();
+        let mut losses = Vec::new();
+        let mut steps_this_session = 0;
+        let mut recent = Duration::ZERO;
+        let reason = loop {
+            if n.global_step >= total {
+                break if total < planned {
+                    StopReason::MaxSteps
+                } else {
+                    StopReason::Finished
+                };
+            }
+            if stop.requested() {
+                break StopReason::Signal;
+            }
+            if max_runtime.is_some_and(|m| session_start.elapsed() >= m) {
+                break StopReason::MaxRuntime;
+            }
+            let Some((batch, waited)) = loader.next() else {
+                bail!("the data loader stopped delivering batches");
+            };
+            for bad in &batch.bad {
+                self.bad_files += 1;
+                ev.log(
+                    Level::Warn,
+                    &format!("skipping {}: {}", bad.path.display(), bad.reason),
+                );
+            }
+            n.sampler = batch.state_after();
+            if batch.is_empty() {
+                continue;
+            }
+            n.global_step += 1;
+            steps_this_session += 1;
+            let t0 = Instant::now();
+            let images = Tensor::from_vec(
+                batch.images,
+                (batch.batch_size, 3, batch.height, batch.width),
+                &Device::Cpu,
+            )?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?;
+            let mut rng = step_rng(self.cfg.training.seed, n.global_step);
+            let outcome = self
+                .trainer
+                .step(
+                    &self.model,
+                    &images,
+                    Noise::Sampled(&mut rng),
+                    n.global_step,
+                )
+                .with_context(|| format!("training step {}", n.global_step))?;
+            let batch_time = t0.elapsed();
+            recent = if recent.is_zero() {
+                batch_time
+            } else {
+                recent.mul_f64(0.9) + batch_time.mul_f64(0.1)
+            };
+            let (recon, kl) = match &outcome {
+                StepOutcome::Trained(m) => {
+                    if n.global_step == 1
+                        && m.kl_clamped_fraction >= 1.0
+                        && self.cfg.training.kl_beta > 0.0
+                    {
+                        ev.log(Level::Warn, "every KL element was clamped at kl_free_bits in the first step: the KL term has no gradient");
+                    }
+                    losses.push((n.global_step, m.recon));
+                    n.vae_avg.push(m.recon);
+                    n.kl_avg.push(m.kl);
+                    (Some(m.recon), Some(m.kl))
+                }
+                StepOutcome::Skipped(why) => {
+                    let files: Vec<String> = batch
+                        .paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    ev.log(
+                        Level::Warn,
+                        &format!(
+                            "step {}: batch skipped ({why}): {}",
+                            n.global_step,
+                            files.join(", ")
+                        ),
+                    );
+                    (None, None)
+                }
+            };
+            let beta = kl_beta(
+                n.global_step,
+                self.cfg.training.kl_warmup_steps,
+                self.cfg.training.kl_beta,
+            );
+            let remaining = total.saturating_sub(n.global_step) as f64;
+            ev.progress(&Progress {
+                step: n.global_step,
+                total,
+                epoch: batch.epoch,
+                loss: recon.unwrap_or(f64::NAN),
+                kl: kl.unwrap_or(f64::NAN),
+                beta,
+                lr: self.trainer.lr(),
+                secs_per_step: recent.as_secs_f64(),
+                eta_secs: remaining * recent.as_secs_f64(),
+            });
+            if n.global_step % self.cfg.output.log_interval == 0 {
+                let mut metrics = Map::new();
+                metrics.insert("vae_loss".into(), json!(n.vae_avg.mean()));
+                metrics.insert("kl_loss".into(), json!(n.kl_avg.mean()));
+                metrics.insert("kl_beta".into(), json!(beta));
+                let mut extras = Map::new();
+                extras.insert("batch_time".into(), json!(batch_time.as_secs_f64()));
+                extras.insert(
+                    "eta_seconds".into(),
+                    json!(remaining * recent.as_secs_f64()),
+                );
+                extras.insert("data_wait".into(), json!(waited.as_secs_f64()));
+                extras.insert("step_vae_loss".into(), json!(recon));
+                extras.insert("step_kl_loss".into(), json!(kl));
+                extras.insert("skipped_batches".into(), json!(self.trainer.skipped()));
+                self.metrics.log(
+                    batch.epoch,
+                    batch.position_after.saturating_sub(1) as u64,
+                    n.global_step,
+                    metrics,
+                    self.lrs_map(),
+                    extras,
+                )?;
+            }
+            if n.global_step % self.cfg.output.checkpoint_save_interval == 0 {
+                self.checkpoint(&mut n, total, spe, session_start, ev)?;
+                if n.checkpoints_written % self.cfg.output.samples_per_checkpoint == 0
+                    && !self.cfg.output.no_samples
+                {
+                    self.sample(&mut n, ev)?;
+                    self.report(ev);
+                }
+            }
+        };
+        drop(loader);
+        if n.last_checkpoint_step != Some(n.global_step) {
+            if !self.cfg.output.no_samples && n.last_sample_step != Some(n.global_step) {
+                self.sample(&mut n, ev)?;
+            }
+            self.checkpoint(&mut n, total, spe, session_start, ev)?;
+        }
+        self.report(ev);
+        ev.finish();
+        let last = self.dir.list()?.first().map(|(_, p)| p.clone());
+        Ok(RunSummary {
+            output: self.dir.root.clone(),
+            reason,
+            global_step: n.global_step,
+            total_steps: total,
+            steps_this_session,
+            skipped_batches: self.trainer.skipped(),
+            bad_files: self.bad_files,
+            last_checkpoint: last,
+            losses,
+        })
+    }
+
+    fn lrs_map(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("flow_lr".into(), json!(self.other_lrs[0]));
+        m.insert("vae_lr".into(), json!(self.trainer.lr()));
+        m
+    }
+
+    /// Template reconstructions at the current step, logged with their colour ranges.
+    fn sample(&mut self, n: &mut Counters, ev: &mut dyn Events) -> Result<()> {
+        if self.templates.is_empty() {
+            return Ok(());
+        }
+        let colours = write_samples(
+            &self.model,
+            &self.templates,
+            &self.dir.samples(),
+            n.global_step,
+        )?;
+        n.last_sample_step = Some(n.global_step);
+        let mut extras = Map::new();
+        extras.insert("samples".into(), Value::Object(colours));
+        self.metrics.log(
+            n.sampler.epoch,
+            n.sampler.position as u64,
+            n.global_step,
+            Map::new(),
+            self.lrs_map(),
+            extras,
+        )?;
+        ev.log(
+            Level::Info,
+            &format!(
+                "samples of step {} in {}",
+                n.global_step,
+                self.dir.samples().display()
+            ),
+        );
+        Ok(())
+    }
+
+    /// A complete checkpoint of the current step, and the reference's files at the root.
+    fn checkpoint(
+        &mut self,
+        n: &mut Counters,
+        total: u64,
+        spe: u64,
+        session_start: Instant,
+        ev: &mut dyn Events,
+    ) -> Result<()> {
+        let model_bytes = to_safetensors_bytes(&self.model.params.tensors(DIFFUSER))?;
+        let text_bytes = to_safetensors_bytes(&self.model.params.tensors(TEXT))?;
+        let mut exact = self.trainer.state_tensors();
+        if self.dtype != DType::F32 {
+            exact.extend(
+                self.model
+                    .params
+                    .tensors("")
+                    .into_iter()
+                    .map(|(k, t)| (format!("weights.{k}"), t)),
+            );
+        }
+        let trainer_bytes = to_safetensors_bytes_exact(&exact)?;
+        n.checkpoints_written += 1;
+        let state = LoopState {
+            version: LoopState::VERSION,
+            global_step: n.global_step,
+            total_steps: total,
+            steps_per_epoch: spe,
+            sampler: n.sampler,
+            checkpoints_written: n.checkpoints_written,
+            last_sample_step: n.last_sample_step,
+            elapsed_secs: n.elapsed_before + session_start.elapsed().as_secs_f64(),
+            bad_files: self.bad_files,
+            vae_avg: n.vae_avg.clone(),
+            kl_avg: n.kl_avg.clone(),
+            dtype: self.cfg.training.dtype.clone(),
+            trainer: self.trainer.state(),
+        };
+        let files = [
+            (MODEL_FILE, model_bytes),
+            (TEXT_FILE, text_bytes),
+            (TRAINER_FILE, trainer_bytes),
+        ];
+        let path = self.dir.save_checkpoint(
+            n.global_step,
+            &files,
+            json!({ "loop": state }),
+            self.cfg.output.keep_last,
+        )?;
+        n.last_checkpoint_step = Some(n.global_step);
+        // The reference's files at the root, so its tools read our runs.
+        let root = &self.dir.root;
+        write_atomic(&root.join(MODEL_FILE), &files[0].1)?;
+        write_atomic(&root.join(TEXT_FILE), &files[1].1)?;
+        let [flow, text, disc] = self.other_lrs;
+        let lrs = reference_lrs(flow, self.trainer.lr(), text, disc);
+        write_atomic(
+            &root.join("lr_sav.json"),
+            serde_json::to_string(&lrs)?.as_bytes(),
+        )?;
+        let t = &self.cfg.training;
+        let ts = reference_training_state(
+            n.sampler.epoch,
+            n.sampler.position as u64,
+            n.global_step,
+            t.kl_warmup_steps,
+            t.kl_beta,
+            &lrs,
+        );
+        write_atomic(
+            &root.join("training_state.json"),
+            serde_json::to_string_pretty(&ts)?.as_bytes(),
+        )?;
+        self.session.skipped_batches = self.trainer.skipped();
+        self.session.bad_files = self.bad_files;
+        self.session.save(&self.dir.graph().join("session.json"))?;
+        ev.log(
+            Level::Info,
+            &format!("checkpoint of step {} in {}", n.global_step, path.display()),
+        );
+        Ok(())
+    }
+
+    /// Regenerates the report artifacts; a failure is a warning, never the end of training.
+    fn report(&self, ev: &mut dyn Events) {
+        if !self.metrics.path().exists() {
+            return;
+        }
+        if let Err(e) = crate::report::generate(&self.dir.root) {
+            ev.log(Level::Warn, &format!("cannot update the report: {e:#}"));
+        }
+    }
+}
