@@ -196,6 +196,8 @@ impl Config {
         let m = &self.model;
         ModelConfig {
             vae_dim: m.vae_dim,
+            downscales: m.downscales,
+            upscales: m.downscales,
             vae_attn_layers: m.vae_attn_layers,
             vae_attn_heads: m.vae_attn_heads,
             flow_dim: m.feature_maps_dim,

@@ -17,6 +17,8 @@ pub struct ModelSection {
     /// The text backbone (not loaded while flow training is off).
     pub pretrained_bert_model: Option<String>,
     // Ours: dimensions the reference fixes in code.
+    /// 2x down- (and up-) sampling stages of the VAE (the reference: 4, a 16x smaller latent).
+    pub downscales: usize,
     pub vae_attn_layers: usize,
     pub vae_attn_heads: usize,
     pub flow_heads: usize,
@@ -33,6 +35,7 @@ impl Default for ModelSection {
             feature_maps_dim_disc: 8,
             text_embedding_dim: 1024,
             pretrained_bert_model: None,
+            downscales: 4,
             vae_attn_layers: 4,
             vae_attn_heads: 8,
             flow_heads: 8,

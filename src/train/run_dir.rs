@@ -16,8 +16,26 @@ use serde::{Deserialize, Serialize};
 pub const STATE_FILE: &str = "state.json";
 /// The effective configuration kept in a run folder.
 pub const CONFIG_FILE: &str = "run.yaml";
-/// Test hook: a file name whose writes fail (simulating a full disk or an I/O error).
+/// Fault-injection hook for tests: `NAME` or `NAME:K` makes checkpoint writes of files whose
+/// name contains NAME fail half-way (as a full disk would), after K successful ones.
 pub const INJECT_FAILURE_ENV: &str = "FLUXFLOW_INJECT_WRITE_FAILURE";
+
+static INJECT_SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether the hook fails this write of `name`.
+fn injected_failure(name: &str) -> bool {
+    let Ok(spec) = std::env::var(INJECT_FAILURE_ENV) else {
+        return false;
+    };
+    let (pattern, skip) = match spec.rsplit_once(':') {
+        Some((p, k)) => (p.to_string(), k.parse::<usize>().unwrap_or(0)),
+        None => (spec.clone(), 0),
+    };
+    if pattern.is_empty() || !name.contains(&pattern) {
+        return false;
+    }
+    INJECT_SEEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= skip
+}
 
 /// A run's output folder.
 #[derive(Debug, Clone)]
@@ -186,7 +204,7 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or_default();
     let mut f =
         fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    if std::env::var(INJECT_FAILURE_ENV).is_ok_and(|v| !v.is_empty() && name.contains(&v)) {
+    if injected_failure(&name) {
         f.write_all(&bytes[..bytes.len() / 2])?;
         bail!(
             "cannot write {}: No space left on device (injected failure)",

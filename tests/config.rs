@@ -1,0 +1,204 @@
+//! Configuration files: the Phase 1 config and optimizer JSON, a reference-shaped config,
+//! unknown keys, unsupported features, overrides.
+
+use std::path::{Path, PathBuf};
+
+use fluxflow::config::{Config, OptimFile, Overrides, QUICKSTART};
+use fluxflow::train::optim::OptimizerSpec;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn err(text: &str, o: &Overrides) -> String {
+    match Config::parse(text, "test.yaml", o) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn phase1_config_has_the_report_values() {
+    let cfg = Config::load(
+        &root().join("configs/config-p1-128.yaml"),
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(cfg.model.vae_dim, 128);
+    assert_eq!(cfg.model.feature_maps_dim, 128);
+    assert_eq!(cfg.model.text_embedding_dim, 1024);
+    let t = &cfg.training;
+    assert_eq!((t.n_epochs, t.batch_size, t.lr), (3, 2, 1e-6));
+    assert_eq!(
+        (t.kl_beta, t.kl_warmup_steps, t.kl_free_bits),
+        (1e-4, 5000, 1024.0)
+    );
+    assert_eq!(t.initial_clipping_norm, 1.0);
+    assert!(t.train_vae && t.train_spade && !t.gan_training && !t.use_lpips && !t.train_diff);
+    let o = &cfg.output;
+    // A sample every 100 steps.
+    assert_eq!(o.checkpoint_save_interval * o.samples_per_checkpoint, 100);
+    assert_eq!(cfg.model_config(), fluxflow::model::ModelConfig::default());
+    let w = cfg.warnings().join("\n");
+    assert!(
+        w.contains("kl_free_bits = 1024") && w.contains("no gradient"),
+        "{w}"
+    );
+}
+
+#[test]
+fn phase1_optimizer_json_gives_the_report_optimizers() {
+    let f = OptimFile::load(&root().join("configs/optim-config-p1.json")).unwrap();
+    match f.optimizer("vae", 1e-6).unwrap() {
+        OptimizerSpec::RmsProp(c) => {
+            assert_eq!(
+                (c.lr, c.alpha, c.momentum, c.centered),
+                (1e-5, 0.95, 0.9, true)
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    match f.optimizer("flow", 1e-6).unwrap() {
+        OptimizerSpec::AdamW(c) => {
+            assert_eq!((c.lr, c.betas, c.weight_decay), (1e-5, (0.9, 0.95), 0.01))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.optimizer("text_encoder", 1e-6).unwrap().lr(), 5e-8);
+    let s = serde_json::to_value(f.scheduler("vae", 0.1, 1000).unwrap()).unwrap();
+    assert_eq!(s["type"], "CosineAnnealingLR");
+    assert_eq!(s["eta_min_factor"], 0.001);
+}
+
+/// Every key of the reference's config.example.yaml (values of our choosing).
+const REFERENCE_SHAPED: &str = r#"
+model:
+  vae_dim: 32
+  feature_maps_dim: 32
+  feature_maps_dim_disc: 8
+  text_embedding_dim: 1024
+  pretrained_bert_model: null
+data:
+  data_path: "/data/images"
+  captions_file: "/data/captions.txt"
+  fixed_prompt_prefix: null
+  use_webdataset: false
+  webdataset_token: null
+  webdataset_url: "hf://datasets/some/set/*.tar"
+  webdataset_image_key: "png"
+  webdataset_label_key: "json"
+  webdataset_caption_key: "prompt"
+  webdataset_size: 1000
+  webdataset_samples_per_shard: 100
+  dataloader_max_retries: 5
+  dataloader_retry_delay: 5.0
+  img_size: 1024
+  channels: 3
+  tokenizer_name: "distilbert-base-uncased"
+  reduced_min_sizes: null
+training:
+  n_epochs: 10
+  batch_size: 1
+  workers: 8
+  lr: 0.00001
+  lr_min: 0.01
+  training_steps: 1
+  use_fp16: false
+  initial_clipping_norm: 1.0
+  preserve_lr: true
+  train_vae: true
+  gan_training: GAN
+  use_lpips: LPIPS
+  train_spade: true
+  train_diff: false
+  train_diff_full: false
+  kl_beta: 0.0001
+  kl_warmup_steps: 5000
+  kl_free_bits: 0.0
+  lambda_adv: 0.5
+  lambda_lpips: 0.1
+optimization:
+  optim_sched_config: null
+output:
+  output_path: "outputs/flux"
+  log_interval: 10
+  checkpoint_save_interval: 50
+  samples_per_checkpoint: 1
+  no_samples: false
+  test_image_address:
+    - "template.png"
+  sample_captions:
+    - "a caption"
+  sample_sizes:
+    - 256
+    - [768, 512]
+  log_level: "INFO"
+  log_file: null
+model_checkpoint: null
+"#;
+
+#[test]
+fn a_reference_config_parses_and_unsupported_features_are_named() {
+    let ok = REFERENCE_SHAPED
+        .replace("GAN", "false")
+        .replace("LPIPS", "false");
+    let cfg = Config::parse(&ok, "config.yaml", &Overrides::default()).unwrap();
+    assert_eq!(cfg.model.vae_dim, 32);
+    assert_eq!(cfg.data.img_size, Some(1024));
+    let gan = REFERENCE_SHAPED
+        .replace("GAN", "true")
+        .replace("LPIPS", "false");
+    let e = err(&gan, &Overrides::default());
+    assert!(
+        e.contains("training.gan_training") && e.contains("not support"),
+        "{e}"
+    );
+    let lpips = REFERENCE_SHAPED
+        .replace("GAN", "false")
+        .replace("LPIPS", "true");
+    assert!(err(&lpips, &Overrides::default()).contains("training.use_lpips"));
+    let flow = ok.replace("train_diff: false", "train_diff: true");
+    assert!(err(&flow, &Overrides::default()).contains("training.train_diff"));
+    let wds = ok.replace("use_webdataset: false", "use_webdataset: true");
+    assert!(err(&wds, &Overrides::default()).contains("data.use_webdataset"));
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_key_and_file() {
+    let e = err("training:\n  learning_rate: 0.1\n", &Overrides::default());
+    assert!(
+        e.contains("test.yaml") && e.contains("learning_rate"),
+        "{e}"
+    );
+    let e = err("trainning:\n  lr: 0.1\n", &Overrides::default());
+    assert!(e.contains("trainning"), "{e}");
+    let o = Overrides {
+        set: vec!["training.lr_typo=3".into()],
+        ..Overrides::default()
+    };
+    let e = err(QUICKSTART, &o);
+    assert!(e.contains("lr_typo"), "{e}");
+}
+
+#[test]
+fn overrides_apply_over_the_file() {
+    let o = Overrides {
+        data: Some(PathBuf::from("/imgs")),
+        output: Some(PathBuf::from("/out")),
+        max_steps: Some(7),
+        device: Some("cuda:1".into()),
+        set: vec!["training.lr=0.5".into(), "output.keep_last=5".into()],
+    };
+    let cfg = Config::parse(QUICKSTART, "q", &o).unwrap();
+    assert_eq!(cfg.data.data_path.as_deref(), Some(Path::new("/imgs")));
+    assert_eq!(cfg.output.output_path, PathBuf::from("/out"));
+    assert_eq!(cfg.training.max_steps, Some(7));
+    assert_eq!(cfg.training.device, "cuda:1");
+    assert_eq!(cfg.training.lr, 0.5);
+    assert_eq!(cfg.output.keep_last, 5);
+    let bad = Overrides {
+        set: vec!["training.max_runtime=5 hours".into()],
+        ..Overrides::default()
+    };
+    assert!(err(QUICKSTART, &bad).contains("max_runtime"));
+}

@@ -1,0 +1,320 @@
+//! `fluxflow train` and `fluxflow resume` end to end, through the binary: the run's files,
+//! refusing to overwrite, bad files, SIGTERM, a hard kill, damaged checkpoints, write failures.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fluxflow-run-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny model on 16 generated images (12 of 32x32, 4 of 48x32): 8 steps per epoch.
+fn config(dir: &Path, extra_training: &str) -> PathBuf {
+    let text = format!(
+        "model: {{vae_dim: 8, feature_maps_dim: 8, text_embedding_dim: 8, vae_attn_layers: 1,
+         vae_attn_heads: 2, flow_heads: 2, flow_layers: 1, text_hidden: 8}}
+data:
+  synthetic: {{count: 16, width: 32, height: 32, seed: 1}}
+training:
+  n_epochs: 2
+  batch_size: 2
+  workers: 1
+  lr: 0.001
+  seed: 3
+  kl_warmup_steps: 10
+{extra_training}
+output:
+  output_path: {}
+  log_interval: 1
+  checkpoint_save_interval: 4
+  samples_per_checkpoint: 100
+  keep_last: 3
+",
+        dir.join("run").display()
+    );
+    let p = dir.join("config.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("fluxflow runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// (global_step, step recon loss) of every training row of a run's metrics log.
+fn step_losses(run: &Path) -> Vec<(u64, String)> {
+    let log = std::fs::read_to_string(run.join("graph/training_metrics.jsonl")).unwrap();
+    log.lines()
+        .filter_map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let loss = v["extras"].get("step_vae_loss")?;
+            Some((v["global_step"].as_u64().unwrap(), loss.to_string()))
+        })
+        .collect()
+}
+
+fn wait_for(path: &Path, limit: Duration) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < limit, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_run_writes_its_files_and_refuses_to_be_overwritten() {
+    let dir = tmpdir("files");
+    let cfg = config(&dir, "");
+    let o = run(bin().args(["train", "--config", cfg.to_str().unwrap()]));
+    assert!(o.status.success(), "{}", text(&o));
+    let r = dir.join("run");
+    for f in [
+        "run.yaml",
+        "flxflow_final.safetensors",
+        "text_encoder.safetensors",
+        "training_state.json",
+        "lr_sav.json",
+        "graph/training_metrics.jsonl",
+        "graph/session.json",
+        "graph/report.md",
+        "checkpoints/step-00000016/state.json",
+        "checkpoints/step-00000008/trainer.safetensors",
+    ] {
+        assert!(r.join(f).exists(), "{f} missing:\n{}", text(&o));
+    }
+    // keep_last 3 of the checkpoints at 4, 8, 12, 16.
+    assert!(!r.join("checkpoints/step-00000004").exists());
+    assert_eq!(step_losses(&r).len(), 16);
+    let ts: Value =
+        serde_json::from_slice(&std::fs::read(r.join("training_state.json")).unwrap()).unwrap();
+    assert_eq!(ts["global_step"], 16);
+    let samples = std::fs::read_dir(r.join("samples")).unwrap().count();
+    assert_eq!(samples, 2, "one folder per template");
+    assert!(r.join("samples/synthetic_00000/00000.webp").exists());
+    assert!(r.join("samples/synthetic_00000/00016.webp").exists());
+    // The model file is a reference checkpoint.
+    let info = run(bin().args([
+        "info",
+        r.join("flxflow_final.safetensors").to_str().unwrap(),
+    ]));
+    assert!(text(&info).contains("vae_dim 8"), "{}", text(&info));
+
+    let again = run(bin().args(["train", "--config", cfg.to_str().unwrap()]));
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("already holds a run"),
+        "{}",
+        text(&again)
+    );
+    assert!(text(&again).contains("--force"));
+    let forced = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--force",
+        "--max-steps",
+        "2",
+    ]));
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert_eq!(step_losses(&r).len(), 2);
+}
+
+#[test]
+fn resume_after_a_hard_kill_reproduces_the_uninterrupted_losses() {
+    let straight = tmpdir("straight");
+    let cfg = config(&straight, "");
+    let o = run(bin().args(["train", "--config", cfg.to_str().unwrap()]));
+    assert!(o.status.success(), "{}", text(&o));
+    let expected = step_losses(&straight.join("run"));
+    assert_eq!(expected.len(), 16);
+
+    let killed = tmpdir("killed");
+    let cfg = config(&killed, "");
+    let mut child = bin()
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        &killed.join("run/checkpoints/step-00000004"),
+        Duration::from_secs(120),
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let o = run(bin().args(["resume", "--output", killed.join("run").to_str().unwrap()]));
+    assert!(o.status.success(), "{}", text(&o));
+    let got = step_losses(&killed.join("run"));
+    assert_eq!(
+        got, expected,
+        "resumed run differs from the uninterrupted one"
+    );
+    let session: Value =
+        serde_json::from_slice(&std::fs::read(killed.join("run/graph/session.json")).unwrap())
+            .unwrap();
+    assert!(session["resumed_count"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
+    let dir = tmpdir("sigterm");
+    let cfg = config(&dir, "");
+    let child = bin()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "training.n_epochs=100",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        &dir.join("run/checkpoints/step-00000004"),
+        Duration::from_secs(120),
+    );
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("stopped by signal") && t.contains("fluxflow resume --output"),
+        "{t}"
+    );
+    let r = dir.join("run");
+    let steps = step_losses(&r);
+    let last = steps.last().unwrap().0;
+    assert!(
+        r.join(format!("checkpoints/step-{last:08}/state.json"))
+            .exists(),
+        "{t}"
+    );
+    assert!(last < 1600);
+}
+
+#[test]
+fn resume_falls_back_when_the_newest_checkpoint_is_damaged() {
+    let dir = tmpdir("damaged");
+    let cfg = config(&dir, "");
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--max-steps",
+        "12",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let r = dir.join("run");
+    // A half-written newest checkpoint.
+    let newest = r.join("checkpoints/step-00000012/trainer.safetensors");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 3]).unwrap();
+    let o = run(bin().args(["resume", "--output", r.to_str().unwrap()]));
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("step 12") && t.contains("falling back"), "{t}");
+    assert!(t.contains("resuming") && t.contains("at step 8"), "{t}");
+}
+
+#[test]
+fn a_failed_checkpoint_write_is_an_error_and_keeps_the_previous_one() {
+    let dir = tmpdir("diskfull");
+    let cfg = config(&dir, "");
+    // The first checkpoint's trainer file is written; the second fails half-way.
+    let o = run(bin()
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("FLUXFLOW_INJECT_WRITE_FAILURE", "trainer.safetensors:1"));
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("No space left on device") && t.contains("previous checkpoint is intact"),
+        "{t}"
+    );
+    let r = dir.join("run");
+    let ckpts: Vec<String> = std::fs::read_dir(r.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ckpts, vec!["step-00000004".to_string()], "{t}");
+    let o = run(bin().args(["resume", "--output", r.to_str().unwrap()]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("at step 4"));
+}
+
+#[test]
+fn unreadable_images_are_skipped_and_counted_and_empty_folders_are_errors() {
+    let dir = tmpdir("badfiles");
+    let data = dir.join("images");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    for i in 0..4 {
+        image::RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([(x * 8) as u8, (y * 8) as u8, i * 50])
+        })
+        .save(data.join("sub").join(format!("img{i}.png")))
+        .unwrap();
+    }
+    std::fs::write(data.join("broken.png"), b"\x89PNG\r\n\x1a\nnope").unwrap();
+    std::fs::write(data.join("notes.txt"), b"not an image").unwrap();
+    let cfg = config(&dir, "");
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--set",
+        "data.synthetic=null",
+        "--max-steps",
+        "2",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("broken.png") && t.contains("1 unreadable file"),
+        "{t}"
+    );
+    assert!(!t.contains("notes.txt"), "{t}");
+
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        empty.to_str().unwrap(),
+        "--set",
+        "data.synthetic=null",
+        "--output",
+        dir.join("other").to_str().unwrap(),
+    ]));
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("no images found") && t.contains("empty"), "{t}");
+    assert!(!dir.join("other/checkpoints").exists(), "{t}");
+}
