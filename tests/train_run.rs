@@ -318,3 +318,33 @@ fn unreadable_images_are_skipped_and_counted_and_empty_folders_are_errors() {
     assert!(t.contains("no images found") && t.contains("empty"), "{t}");
     assert!(!dir.join("other/checkpoints").exists(), "{t}");
 }
+
+#[test]
+fn the_embedded_quickstart_trains_with_falling_loss() {
+    let dir = tmpdir("quickstart");
+    let out = dir.join("qs");
+    // The embedded config, shortened: 8 images seen 12 times.
+    let o = run(bin().current_dir(&dir).args([
+        "train",
+        "--output",
+        out.to_str().unwrap(),
+        "--set",
+        "data.synthetic.count=8",
+        "--set",
+        "training.n_epochs=12",
+        "--set",
+        "output.log_interval=1",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("training finished"), "{}", text(&o));
+    let losses: Vec<f64> = step_losses(&out)
+        .iter()
+        .map(|(_, l)| l.parse().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 48);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, last) = (mean(&losses[..8]), mean(&losses[40..]));
+    assert!(last < 0.8 * first, "loss went from {first} to {last}");
+    assert!(out.join("graph/training_losses.png").exists());
+    assert!(out.join("samples/synthetic_00000/gallery.png").exists());
+}

@@ -49,9 +49,17 @@ fn prepare_data(
         Some(s) => {
             let root = dir.root.join("synthetic-data");
             let size = (s.width, s.height);
-            let files = if root.is_dir() && std::fs::read_dir(&root)?.next().is_some() {
+            // Generated once per setting: a marker records what the folder holds.
+            let marker = root.join("synthetic.json");
+            let wanted = serde_json::to_string(s)?;
+            let current = std::fs::read_to_string(&marker).ok();
+            let files = if current.as_deref() == Some(wanted.as_str()) {
                 Vec::new()
             } else {
+                if root.exists() {
+                    std::fs::remove_dir_all(&root)
+                        .with_context(|| format!("cannot remove {}", root.display()))?;
+                }
                 events.log(
                     Level::Info,
                     &format!(
@@ -60,7 +68,9 @@ fn prepare_data(
                         root.display()
                     ),
                 );
-                synthetic::generate(&root, s.count, size, s.seed)?
+                let files = synthetic::generate(&root, s.count, size, s.seed)?;
+                write_atomic(&marker, wanted.as_bytes())?;
+                files
             };
             if templates.is_empty() {
                 // One template of each generated size.

@@ -349,10 +349,10 @@ impl Run {
             }
         };
         drop(loader);
+        if !self.cfg.output.no_samples && n.last_sample_step != Some(n.global_step) {
+            self.sample(&mut n, ev)?;
+        }
         if n.last_checkpoint_step != Some(n.global_step) {
-            if !self.cfg.output.no_samples && n.last_sample_step != Some(n.global_step) {
-                self.sample(&mut n, ev)?;
-            }
             self.checkpoint(&mut n, total, spe, session_start, ev)?;
         }
         self.report(ev);
