@@ -74,7 +74,7 @@ impl Events for Terminal {
                 b.set_position(p.step);
                 b.set_message(msg);
             }
-            None if p.step % self.every == 0 || p.step == p.total => {
+            None if p.step.is_multiple_of(self.every) || p.step == p.total => {
                 eprintln!("step {}/{} | {msg}", p.step, p.total)
             }
             None => {}

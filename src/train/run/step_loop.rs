@@ -344,8 +344,8 @@ impl Run {
                     && !self.cfg.output.no_samples
                 {
                     self.sample(&mut n, ev)?;
-                    self.report(ev);
                 }
+                self.report(ev);
             }
         };
         drop(loader);
