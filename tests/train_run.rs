@@ -79,6 +79,28 @@ fn wait_for(path: &Path, limit: Duration) {
     }
 }
 
+/// A run of 100 epochs, started in the background and past its first checkpoint (step 4).
+fn long_run_past_first_checkpoint(dir: &Path) -> std::process::Child {
+    let cfg = config(dir, "");
+    let child = bin()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "training.n_epochs=100",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        &dir.join("run/checkpoints/step-00000004"),
+        Duration::from_secs(120),
+    );
+    child
+}
+
 #[test]
 fn a_run_writes_its_files_and_refuses_to_be_overwritten() {
     let dir = tmpdir("files");
@@ -110,6 +132,18 @@ fn a_run_writes_its_files_and_refuses_to_be_overwritten() {
     assert_eq!(samples, 2, "one folder per template");
     assert!(r.join("samples/synthetic_00000/00000.webp").exists());
     assert!(r.join("samples/synthetic_00000/00016.webp").exists());
+    assert!(r.join("samples/synthetic_00000/gallery.png").exists());
+    // Each sample's colour ranges are logged: [min, max, mean] per channel, in [-1, 1] scale.
+    let log = std::fs::read_to_string(r.join("graph/training_metrics.jsonl")).unwrap();
+    let sample_rows: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["extras"].get("samples").is_some())
+        .collect();
+    assert_eq!(sample_rows.len(), 2, "samples at steps 0 and 16");
+    let r0 = &sample_rows[1]["extras"]["samples"]["synthetic_00000"]["r"];
+    let v: Vec<f64> = serde_json::from_value(r0.clone()).unwrap();
+    assert!(v.len() == 3 && v[0] <= v[2] && v[2] <= v[1], "{v:?}");
     // The model file is a reference checkpoint.
     let info = run(bin().args([
         "info",
@@ -176,23 +210,7 @@ fn resume_after_a_hard_kill_reproduces_the_uninterrupted_losses() {
 #[test]
 fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
     let dir = tmpdir("sigterm");
-    let cfg = config(&dir, "");
-    let child = bin()
-        .args([
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--set",
-            "training.n_epochs=100",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(
-        &dir.join("run/checkpoints/step-00000004"),
-        Duration::from_secs(120),
-    );
+    let child = long_run_past_first_checkpoint(&dir);
     let pid = child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -379,23 +397,7 @@ fn max_runtime_checkpoints_and_exits_cleanly() {
 #[test]
 fn a_second_interrupt_exits_at_once_leaving_the_last_checkpoint_intact() {
     let dir = tmpdir("sigint2");
-    let cfg = config(&dir, "");
-    let child = bin()
-        .args([
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--set",
-            "training.n_epochs=100",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(
-        &dir.join("run/checkpoints/step-00000004"),
-        Duration::from_secs(120),
-    );
+    let child = long_run_past_first_checkpoint(&dir);
     let pid = child.id().to_string();
     for _ in 0..2 {
         assert!(Command::new("kill")
