@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod image_io;
+pub mod kernels;
 pub mod model;
 pub mod nn;
 pub mod params;

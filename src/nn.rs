@@ -128,12 +128,12 @@ impl Conv2d {
 impl Module for Conv2d {
     /// [B, in, H, W] -> [B, out, H', W']
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(
+        let y = crate::kernels::conv2d(
+            x,
             &self.weight,
             self.cfg.padding,
             self.cfg.stride,
             self.cfg.dilation,
-            1,
         )?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
@@ -182,7 +182,7 @@ impl ConvTranspose2d {
 impl Module for ConvTranspose2d {
     /// [B, in, H, W] -> [B, out, (H-1)s - 2p + k, ...]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv_transpose2d(&self.weight, self.padding, 0, self.stride, 1)?;
+        let y = crate::kernels::conv_transpose2d(x, &self.weight, self.padding, 0, self.stride, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }

@@ -1,0 +1,337 @@
+//! 2-D convolution and transposed convolution with a fast CPU transposed convolution:
+//! `cols = W^T x` (one GEMM per batch item and channel chunk), then col2im scatter-adds the
+//! columns into the output. `conv2d` is candle's forward with a backward whose input gradient
+//! uses that transposed convolution. On other devices both are candle's own ops.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Geometry of a (transposed) convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    output_padding: usize,
+}
+
+/// Elements of the column buffer per GEMM, to bound memory on large layers.
+const COLS_BUDGET: usize = 1 << 24;
+
+fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// The transposed convolution of `x` [B, Ci, H, W] by `w` [Ci, Co, K, K] on the CPU.
+fn conv_transpose_cpu<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    w: &[T],
+    ws: (usize, usize, usize, usize),
+    g: Geometry,
+) -> Result<(Vec<T>, Shape)>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + Default,
+{
+    let (b, ci, h, wd) = xs;
+    let (wci, co, k, k2) = ws;
+    if wci != ci || k != k2 {
+        candle_core::bail!("conv_transpose2d: kernel {ws:?} does not fit input {xs:?}");
+    }
+    let span = g.dilation * (k - 1);
+    let oh = (h - 1) * g.stride + span + 1 + g.output_padding - 2 * g.padding;
+    let ow = (wd - 1) * g.stride + span + 1 + g.output_padding - 2 * g.padding;
+    let hw = h * wd;
+    let mut out = vec![T::default(); b * co * oh * ow];
+    // W as [Ci, Co*K*K]; its transpose times X_b [Ci, H*W] gives the columns.
+    let wt = Tensor::from_slice(w, (ci, co * k * k), &Device::Cpu)?
+        .t()?
+        .contiguous()?;
+    let chunk = (COLS_BUDGET / (k * k * hw).max(1)).clamp(1, co);
+    for bi in 0..b {
+        let xb = Tensor::from_slice(&x[bi * ci * hw..(bi + 1) * ci * hw], (ci, hw), &Device::Cpu)?;
+        let out_b = &mut out[bi * co * oh * ow..(bi + 1) * co * oh * ow];
+        for c0 in (0..co).step_by(chunk) {
+            let cn = chunk.min(co - c0);
+            let cols = wt
+                .narrow(0, c0 * k * k, cn * k * k)?
+                .matmul(&xb)?
+                .flatten_all()?
+                .to_vec1::<T>()?;
+            out_b[c0 * oh * ow..(c0 + cn) * oh * ow]
+                .par_chunks_mut(oh * ow)
+                .enumerate()
+                .for_each(|(cl, o)| {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let row = &cols[((cl * k + ky) * k + kx) * hw..][..hw];
+                            for iy in 0..h {
+                                let oy =
+                                    (iy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                                if oy < 0 || oy >= oh as isize {
+                                    continue;
+                                }
+                                let orow = &mut o[oy as usize * ow..][..ow];
+                                let irow = &row[iy * wd..][..wd];
+                                for (ix, v) in irow.iter().enumerate() {
+                                    let ox = (ix * g.stride + kx * g.dilation) as isize
+                                        - g.padding as isize;
+                                    if ox >= 0 && (ox as usize) < ow {
+                                        orow[ox as usize] += *v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+    }
+    Ok((out, Shape::from((b, co, oh, ow))))
+}
+
+fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    l.shape().dims4()
+}
+
+/// The transposed convolution as a custom op (CPU only) with candle's backward formulas.
+struct ConvTransposeOp(Geometry);
+
+impl CustomOp2 for ConvTransposeOp {
+    fn name(&self) -> &'static str {
+        "fluxflow-conv-transpose2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (xs, ws) = (dims4(l1)?, dims4(l2)?);
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                let x = contiguous(x, l1, self.name())?;
+                let w = contiguous(w, l2, self.name())?;
+                let (v, s) = conv_transpose_cpu(x, xs, w, ws, self.0)?;
+                Ok((CpuStorage::F32(v), s))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                let x = contiguous(x, l1, self.name())?;
+                let w = contiguous(w, l2, self.name())?;
+                let (v, s) = conv_transpose_cpu(x, xs, w, ws, self.0)?;
+                Ok((CpuStorage::F64(v), s))
+            }
+            _ => candle_core::bail!("{}: f32 or f64 inputs of one dtype", self.name()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.0;
+        let grad = grad.contiguous()?;
+        let grad_x = grad.conv2d(w, g.padding, g.stride, g.dilation, 1)?;
+        let grad_w = grad
+            .transpose(0, 1)?
+            .conv2d(&x.transpose(0, 1)?, g.padding, g.dilation, g.stride, 1)?
+            .transpose(0, 1)?;
+        let (_, _, k0, k1) = w.dims4()?;
+        let grad_w = grad_w.narrow(2, 0, k0)?.narrow(3, 0, k1)?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+/// The transposed convolution of `x` [B, Ci, H, W] by `w` [Ci, Co, K, K] (no bias).
+pub fn conv_transpose2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    output_padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if !fast {
+        return x.conv_transpose2d(w, padding, output_padding, stride, dilation);
+    }
+    let g = Geometry {
+        padding,
+        stride,
+        dilation,
+        output_padding,
+    };
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, ConvTransposeOp(g))
+}
+
+/// A convolution (groups 1, no bias) whose input gradient uses the fast transposed
+/// convolution on the CPU.
+struct Conv2dOp(Geometry);
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "fluxflow-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let run = |x: Tensor, w: Tensor| -> Result<(Tensor, Shape)> {
+            let y = x.conv2d(&w, g.padding, g.stride, g.dilation, 1)?;
+            let s = y.shape().clone();
+            Ok((y, s))
+        };
+        macro_rules! go {
+            ($x:expr, $w:expr, $v:ident, $t:ty) => {{
+                let x =
+                    Tensor::from_slice(contiguous($x, l1, self.name())?, l1.shape(), &Device::Cpu)?;
+                let w =
+                    Tensor::from_slice(contiguous($w, l2, self.name())?, l2.shape(), &Device::Cpu)?;
+                let (y, s) = run(x, w)?;
+                Ok((CpuStorage::$v(y.flatten_all()?.to_vec1::<$t>()?), s))
+            }};
+        }
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => go!(x, w, F32, f32),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => go!(x, w, F64, f64),
+            _ => candle_core::bail!("{}: f32 or f64 inputs of one dtype", self.name()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.0;
+        let (_, _, xh, _) = x.dims4()?;
+        let (_, _, k, _) = w.dims4()?;
+        let gh = grad.dim(2)?;
+        let out = (gh - 1) * g.stride + g.dilation * (k - 1) + 1 - 2 * g.padding;
+        let grad = grad.contiguous()?;
+        let grad_x = conv_transpose2d(&grad, w, g.padding, xh - out, g.stride, g.dilation)?;
+        let grad_w = x
+            .transpose(0, 1)?
+            .conv2d(&grad.transpose(0, 1)?, g.padding, g.dilation, g.stride, 1)?
+            .transpose(0, 1)?;
+        let (_, _, k0, k1) = w.dims4()?;
+        let grad_w = grad_w.narrow(2, 0, k0)?.narrow(3, 0, k1)?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+/// A 2-D convolution of `x` [B, Ci, H, W] by `w` [Co, Ci, K, K] (groups 1, no bias).
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && kh == kw;
+    if !fast {
+        return x.conv2d(w, padding, stride, dilation, 1);
+    }
+    let g = Geometry {
+        padding,
+        stride,
+        dilation,
+        output_padding: 0,
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp(g))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn transposed_convolution_matches_candle_in_value_and_gradients() {
+        let dev = Device::Cpu;
+        for (k, s, p, d, op) in [
+            (16, 2, 7, 1, 0),
+            (5, 1, 4, 2, 0),
+            (8, 2, 3, 1, 1),
+            (3, 1, 1, 1, 0),
+        ] {
+            let x = candle_core::Var::randn(0f64, 1.0, (2, 3, 5, 4), &dev).unwrap();
+            let w = candle_core::Var::randn(0f64, 1.0, (3, 4, k, k), &dev).unwrap();
+            let ours = conv_transpose2d(x.as_tensor(), w.as_tensor(), p, op, s, d).unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv_transpose2d(w.as_tensor(), p, op, s, d)
+                .unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(close(&ours, &theirs) < 1e-10, "k{k} s{s} p{p} d{d}");
+            let r = Tensor::randn(0f64, 1.0, ours.dims(), &dev).unwrap();
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &w] {
+                let (a, b) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert!(close(a, b) < 1e-10, "gradient k{k} s{s} p{p} d{d}");
+            }
+        }
+    }
+
+    #[test]
+    fn convolution_gradients_match_candle() {
+        let dev = Device::Cpu;
+        for (k, s, p, d, h) in [
+            (8, 2, 3, 1, 16),
+            (5, 1, 4, 2, 9),
+            (3, 1, 1, 1, 7),
+            (1, 1, 0, 1, 3),
+            (8, 2, 3, 1, 15),
+        ] {
+            let x = candle_core::Var::randn(0f64, 1.0, (2, 3, h, h + 2), &dev).unwrap();
+            let w = candle_core::Var::randn(0f64, 1.0, (4, 3, k, k), &dev).unwrap();
+            let ours = conv2d(x.as_tensor(), w.as_tensor(), p, s, d).unwrap();
+            let theirs = x.as_tensor().conv2d(w.as_tensor(), p, s, d, 1).unwrap();
+            assert!(close(&ours, &theirs) < 1e-10);
+            let r = Tensor::randn(0f64, 1.0, ours.dims(), &dev).unwrap();
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &w] {
+                let (a, b) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert!(close(a, b) < 1e-10, "gradient k{k} s{s} p{p} d{d} h{h}");
+            }
+        }
+    }
+}
