@@ -127,3 +127,95 @@ fn every_vae_tensor_gets_a_finite_nonzero_gradient() {
     }
     assert!(checked > 50, "only {checked} tensors checked");
 }
+
+/// max |x| and whether every element equals `v`.
+fn stats(model: &FluxModel, name: &str) -> (f64, usize, Vec<f64>) {
+    let t = model
+        .params
+        .tensors(name)
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .unwrap_or_else(|| panic!("{name}"))
+        .1;
+    let v: Vec<f64> = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let max = v.iter().fold(0f64, |a, b| a.max(b.abs()));
+    (max, v.len(), v)
+}
+
+#[test]
+fn fresh_weights_follow_the_reference_initialisation() {
+    let model = FluxModel::fresh(&tiny(), DType::F64, &Device::Cpu, 2).unwrap();
+    // PyTorch default (kaiming_uniform a=sqrt(5)): U(+-1/sqrt(fan_in)) for weight and bias.
+    let torch = [
+        ("diffuser.compressor.encoder_first_step.0.0.weight", 5 * 9),
+        ("diffuser.compressor.encoder_z.1.0.bias", 6 * 64),
+        (
+            "diffuser.expander.upscale.layers.0.spade.mlp_shared.0.weight",
+            8 * 9,
+        ),
+        // Transposed conv: fan_in from the weight's dim 1 (out channels x k x k).
+        (
+            "diffuser.expander.upscale.layers.0.conv1.0.weight",
+            40 * 256,
+        ),
+        ("diffuser.compressor.token_attn.0.attn.out_proj.weight", 8),
+    ];
+    for (name, fan_in) in torch {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let (max, n, _) = stats(&model, name);
+        assert!(
+            max <= bound && max > 0.8 * bound,
+            "{name}: max {max}, bound {bound} ({n} values)"
+        );
+    }
+    // Xavier uniform: U(+-sqrt(6 / (fan_in + fan_out))), zero bias.
+    let xavier = [
+        (
+            "diffuser.compressor.token_attn.0.attn.in_proj_weight",
+            8 + 24,
+        ),
+        ("diffuser.expander.context_mixer.q_proj.weight", 16),
+        (
+            "diffuser.flow_processor.transformer_blocks.0.p0.1.0.weight",
+            16,
+        ),
+        ("text_encoder.ouput_layer.0.weight", 8 + 2560),
+    ];
+    for (name, fans) in xavier {
+        let bound = (6.0 / fans as f64).sqrt();
+        let (max, _, _) = stats(&model, name);
+        assert!(
+            max <= bound && max > 0.8 * bound,
+            "{name}: max {max}, bound {bound}"
+        );
+    }
+    for zero in [
+        "diffuser.compressor.token_attn.0.attn.in_proj_bias",
+        "diffuser.compressor.token_attn.0.attn.out_proj.bias",
+        "diffuser.expander.context_mixer.q_proj.bias",
+        "diffuser.expander.context_mixer.cls",
+        "text_encoder.ouput_layer.3.bias",
+    ] {
+        assert_eq!(stats(&model, zero).0, 0.0, "{zero}");
+    }
+    let (_, _, ln) = stats(&model, "diffuser.compressor.token_attn.0.norm1.weight");
+    assert!(ln.iter().all(|v| *v == 1.0));
+    let (_, _, p1) = stats(&model, "diffuser.compressor.logvar_activation.p1");
+    assert!(p1.iter().all(|v| *v == -1.0));
+    let (_, _, rgb0) = stats(&model, "diffuser.expander.rgb_activation.p0");
+    assert!(rgb0.iter().all(|v| *v == -1.0));
+    // Embedding: N(0, 1).
+    let (_, n, e) = stats(&model, "diffuser.flow_processor.time_embed.0.weight");
+    let mean = e.iter().sum::<f64>() / n as f64;
+    let var = e.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+    assert!(
+        mean.abs() < 0.05 && (var - 1.0).abs() < 0.1,
+        "mean {mean}, var {var}"
+    );
+}
