@@ -92,6 +92,12 @@ where
     Ok((out, Shape::from((b, co, oh, ow))))
 }
 
+/// The weight gradient cut to the kernel's size (the correlation can come out larger).
+fn fit_kernel(grad_w: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (_, _, k0, k1) = w.dims4()?;
+    grad_w.narrow(2, 0, k0)?.narrow(3, 0, k1)
+}
+
 fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     l.shape().dims4()
 }
@@ -143,9 +149,7 @@ impl CustomOp2 for ConvTransposeOp {
             .transpose(0, 1)?
             .conv2d(&x.transpose(0, 1)?, g.padding, g.dilation, g.stride, 1)?
             .transpose(0, 1)?;
-        let (_, _, k0, k1) = w.dims4()?;
-        let grad_w = grad_w.narrow(2, 0, k0)?.narrow(3, 0, k1)?;
-        Ok((Some(grad_x), Some(grad_w)))
+        Ok((Some(grad_x), Some(fit_kernel(&grad_w, w)?)))
     }
 }
 
@@ -229,9 +233,7 @@ impl CustomOp2 for Conv2dOp {
             .transpose(0, 1)?
             .conv2d(&grad.transpose(0, 1)?, g.padding, g.dilation, g.stride, 1)?
             .transpose(0, 1)?;
-        let (_, _, k0, k1) = w.dims4()?;
-        let grad_w = grad_w.narrow(2, 0, k0)?.narrow(3, 0, k1)?;
-        Ok((Some(grad_x), Some(grad_w)))
+        Ok((Some(grad_x), Some(fit_kernel(&grad_w, w)?)))
     }
 }
 
