@@ -159,6 +159,23 @@ fn a_run_writes_its_files_and_refuses_to_be_overwritten() {
         text(&again)
     );
     assert!(text(&again).contains("--force"));
+    // --force with a setting that fails late (a missing template) deletes nothing.
+    let bad = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--force",
+        "--set",
+        "output.test_image_address=[/nonexistent/template.png]",
+    ]));
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad).contains("/nonexistent/template.png"),
+        "{}",
+        text(&bad)
+    );
+    assert_eq!(step_losses(&r).len(), 16);
+    assert!(r.join("checkpoints/step-00000016/state.json").exists());
     let forced = run(bin().args([
         "train",
         "--config",

@@ -144,6 +144,28 @@ fn optim_file(cfg: &Config, base: Option<&Path>) -> Result<(OptimFile, Option<St
     }
 }
 
+/// Deletes a run's checkpoints, logs, samples and root files (not its data caches).
+fn remove_run(dir: &RunDir) -> Result<()> {
+    for sub in ["checkpoints", "graph", "samples"] {
+        let p = dir.root.join(sub);
+        if p.exists() {
+            std::fs::remove_dir_all(&p)
+                .with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+    }
+    for f in [
+        CONFIG_FILE,
+        OPTIM_FILE,
+        MODEL_FILE,
+        TEXT_FILE,
+        "training_state.json",
+        "lr_sav.json",
+    ] {
+        let _ = std::fs::remove_file(dir.root.join(f));
+    }
+    Ok(())
+}
+
 /// Starts a new run. Refuses a folder that already holds one unless `force`.
 pub fn start(
     mut cfg: Config,
@@ -152,32 +174,14 @@ pub fn start(
     stop: &StopSignal,
 ) -> Result<RunSummary> {
     let dir = RunDir::new(&cfg.output.output_path);
-    if dir.has_run() {
-        if !force {
-            bail!(
-                "{} already holds a run; continue it with `fluxflow resume --output {}`, or pass \
-                 --force to start over (its checkpoints, logs and samples are deleted)",
-                dir.root.display(),
-                dir.root.display()
-            );
-        }
-        for sub in ["checkpoints", "graph", "samples"] {
-            let p = dir.root.join(sub);
-            if p.exists() {
-                std::fs::remove_dir_all(&p)
-                    .with_context(|| format!("cannot remove {}", p.display()))?;
-            }
-        }
-        for f in [
-            CONFIG_FILE,
-            OPTIM_FILE,
-            MODEL_FILE,
-            TEXT_FILE,
-            "training_state.json",
-            "lr_sav.json",
-        ] {
-            let _ = std::fs::remove_file(dir.root.join(f));
-        }
+    let replace = dir.has_run();
+    if replace && !force {
+        bail!(
+            "{} already holds a run; continue it with `fluxflow resume --output {}`, or pass \
+             --force to start over (its checkpoints, logs and samples are deleted)",
+            dir.root.display(),
+            dir.root.display()
+        );
     }
     let (optim, optim_text) = optim_file(&cfg, None)?;
     let (dataset, template_paths) = prepare_data(&cfg, &dir, events)?;
@@ -187,6 +191,10 @@ pub fn start(
     let absolute = |p: &PathBuf| p.canonicalize().unwrap_or_else(|_| p.clone());
     let template_paths: Vec<PathBuf> = template_paths.iter().map(absolute).collect();
     let templates = load_templates(&template_paths, cfg.data.img_size, dtype, &device)?;
+    if replace {
+        // Only now that the new run's settings, data, device and templates are all valid.
+        remove_run(&dir)?;
+    }
     dir.create()?;
     if let Some(text) = &optim_text {
         write_atomic(&dir.root.join(OPTIM_FILE), text.as_bytes())?;
