@@ -23,6 +23,8 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Regenerate a run's summary, plots, galleries and report.md.
     Report(ReportArgs),
+    /// Time training steps on random images (median s/step, images/s, peak memory).
+    Bench(BenchArgs),
     /// Encode and decode one image with a checkpoint and print the PSNR.
     Reconstruct(ReconstructArgs),
     /// Describe a checkpoint: detected dimensions, parameters per component, tensors, dtypes.
@@ -105,4 +107,26 @@ pub struct ReportArgs {
     /// default: the most recently updated run under ./runs.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A configuration whose model, dtype and device to use; default: the Phase 1 model.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Use the embedded quickstart's model instead of the Phase 1 model.
+    #[arg(long, conflicts_with = "config")]
+    pub quickstart: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    #[arg(long, default_value_t = 64)]
+    pub height: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
 }

@@ -37,6 +37,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => println!("{}", commands::train::train(&args)?),
         Command::Resume(args) => println!("{}", commands::train::resume(&args)?),
         Command::Report(args) => println!("{}", commands::train::report(&args)?),
+        Command::Bench(args) => println!("{}", commands::bench::run(&args)?),
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand; each returns what it reports so the binary prints it.
 
+pub mod bench;
 pub mod info;
 pub mod reconstruct;
 pub mod train;
