@@ -42,8 +42,18 @@ where
         candle_core::bail!("conv_transpose2d: kernel {ws:?} does not fit input {xs:?}");
     }
     let span = g.dilation * (k - 1);
-    let oh = (h - 1) * g.stride + span + 1 + g.output_padding - 2 * g.padding;
-    let ow = (wd - 1) * g.stride + span + 1 + g.output_padding - 2 * g.padding;
+    let size = |n: usize| -> Result<usize> {
+        ((n.max(1) - 1) * g.stride + span + 1 + g.output_padding)
+            .checked_sub(2 * g.padding)
+            .filter(|s| *s > 0 && n > 0)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "conv_transpose2d: input {xs:?} too small for kernel {k} and padding {}",
+                    g.padding
+                ))
+            })
+    };
+    let (oh, ow) = (size(h)?, size(wd)?);
     let hw = h * wd;
     let mut out = vec![T::default(); b * co * oh * ow];
     // W as [Ci, Co*K*K]; its transpose times X_b [Ci, H*W] gives the columns.
@@ -226,9 +236,14 @@ impl CustomOp2 for Conv2dOp {
         let (_, _, xh, _) = x.dims4()?;
         let (_, _, k, _) = w.dims4()?;
         let gh = grad.dim(2)?;
-        let out = (gh - 1) * g.stride + g.dilation * (k - 1) + 1 - 2 * g.padding;
+        let out = ((gh - 1) * g.stride + g.dilation * (k - 1) + 1).saturating_sub(2 * g.padding);
+        let output_padding = xh.checked_sub(out).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "conv2d backward: cannot map {gh} rows back to {xh}"
+            ))
+        })?;
         let grad = grad.contiguous()?;
-        let grad_x = conv_transpose2d(&grad, w, g.padding, xh - out, g.stride, g.dilation)?;
+        let grad_x = conv_transpose2d(&grad, w, g.padding, output_padding, g.stride, g.dilation)?;
         let grad_w = x
             .transpose(0, 1)?
             .conv2d(&grad.transpose(0, 1)?, g.padding, g.dilation, g.stride, 1)?
