@@ -285,6 +285,26 @@ impl FluxCompressor {
     }
 }
 
+/// Each sample's latent (H, W) from the H/W token (the last token) of packed latents
+/// [B, T+1, D]: round(value * max_hw), at least 1 (the reference's `unpack`).
+pub fn latent_sizes(packed: &Tensor, max_hw: usize) -> Result<Vec<(usize, usize)>> {
+    let (_, t1, d) = packed.dims3()?;
+    if t1 < 2 || d < 2 {
+        candle_core::bail!(
+            "packed latent of shape {:?} holds no image tokens",
+            packed.dims()
+        );
+    }
+    let hw: Vec<Vec<f64>> = packed
+        .narrow(1, t1 - 1, 1)?
+        .squeeze(1)?
+        .narrow(1, 0, 2)?
+        .to_dtype(DType::F64)?
+        .to_vec2()?;
+    let f = |x: f64| (x * max_hw as f64).round().max(1.0) as usize;
+    Ok(hw.iter().map(|v| (f(v[0]), f(v[1]))).collect())
+}
+
 /// A standard normal tensor shaped like `like`, drawn on the host from `rng`.
 pub fn normal_like(like: &Tensor, rng: &mut StdRng) -> Result<Tensor> {
     let n = like.elem_count();

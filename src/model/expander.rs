@@ -4,6 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 
 use super::bezier::{BezierActivation, TrainableBezier};
+use super::compressor::latent_sizes;
 use super::conditioning::{ContextAttentionMixer, Spade};
 use super::config::ModelConfig;
 use crate::nn::{upsample_nearest2x, Conv2d, ConvCfg, ConvTranspose2d, GroupNorm, InitKind};
@@ -104,27 +105,9 @@ impl FluxExpander {
 
     /// Image tokens [B, T, D] and each sample's latent (H, W), read from the last token.
     pub fn unpack(&self, packed: &Tensor) -> Result<(Tensor, Vec<(usize, usize)>)> {
-        let (b, t1, d) = packed.dims3()?;
-        if t1 < 2 || d < 2 {
-            candle_core::bail!(
-                "packed latent of shape {:?} holds no image tokens",
-                packed.dims()
-            );
-        }
+        let (b, t1, _) = packed.dims3()?;
+        let sizes = latent_sizes(packed, self.max_hw)?;
         let img = packed.narrow(1, 0, t1 - 1)?;
-        let hw: Vec<Vec<f64>> = packed
-            .narrow(1, t1 - 1, 1)?
-            .squeeze(1)?
-            .narrow(1, 0, 2)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec2()?;
-        let sizes = hw
-            .iter()
-            .map(|v| {
-                let f = |x: f64| (x * self.max_hw as f64).round().max(1.0) as usize;
-                (f(v[0]), f(v[1]))
-            })
-            .collect::<Vec<_>>();
         for &(h, w) in &sizes {
             if h * w > t1 - 1 {
                 candle_core::bail!(

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::bezier::{BezierActivation, TrainableBezier};
-use super::compressor::add_coord_channels;
+use super::compressor::{add_coord_channels, latent_sizes};
 use super::conditioning::{mean_tokens, ContextAttentionMixer, GatedContextInjection};
 use super::config::ModelConfig;
 use crate::nn::{
@@ -222,18 +222,7 @@ impl FluxFlowProcessor {
         let t = t1 - 1;
         let img_v = packed.narrow(1, 0, t)?;
         let hw_vec = packed.narrow(1, t, 1)?;
-        let hw: Vec<Vec<f64>> = hw_vec
-            .squeeze(1)?
-            .narrow(1, 0, 2)?
-            .to_dtype(DType::F64)?
-            .to_vec2()?;
-        let sizes: Vec<(usize, usize)> = hw
-            .iter()
-            .map(|v| {
-                let f = |x: f64| (x * self.max_hw as f64).round().max(1.0) as usize;
-                (f(v[0]), f(v[1]))
-            })
-            .collect();
+        let sizes = latent_sizes(packed, self.max_hw)?;
 
         let img = self.vae_to_dmodel.forward(&img_v)?;
         let k = self.ctx_tokens.min(t);

@@ -39,8 +39,6 @@ pub struct RunSummary {
     pub skipped_batches: u64,
     pub bad_files: u64,
     pub last_checkpoint: Option<PathBuf>,
-    /// Recon loss of each step of this session, in order (global step, value).
-    pub losses: Vec<(u64, f64)>,
 }
 
 /// Counts stop requests (SIGTERM/SIGINT); the loop stops cleanly after the current step.

@@ -210,7 +210,6 @@ impl Run {
         }
         ev.start(total, n.global_step);
         let max_runtime = self.cfg.max_runtime();
-        let mut losses = Vec::new();
         let mut steps_this_session = 0;
         let mut recent = Duration::ZERO;
         let reason = loop {
@@ -275,7 +274,6 @@ impl Run {
                     {
                         ev.log(Level::Warn, "every KL element was clamped at kl_free_bits in the first step: the KL term has no gradient");
                     }
-                    losses.push((n.global_step, m.recon));
                     n.vae_avg.push(m.recon);
                     n.kl_avg.push(m.kl);
                     (Some(m.recon), Some(m.kl))
@@ -367,7 +365,6 @@ impl Run {
             skipped_batches: self.trainer.skipped(),
             bad_files: self.bad_files,
             last_checkpoint: last,
-            losses,
         })
     }
 
