@@ -9,7 +9,7 @@
 mod cache;
 mod captions;
 pub mod loader;
-mod rng;
+pub(crate) mod rng;
 pub mod sampler;
 pub mod scan;
 pub mod synthetic;

@@ -17,6 +17,7 @@ use crate::checkpoint::{
     to_safetensors_bytes, to_safetensors_bytes_exact, write_atomic, TEXT_FILE,
 };
 use crate::config::{Config, OptimFile};
+use crate::data::rng::SplitMix64;
 use crate::data::{BatchSampler, Dataset, Loader, LoaderConfig, SamplerState};
 use crate::model::{FluxModel, Noise, DIFFUSER, TEXT};
 use crate::train::adaptive::RollingMean;
@@ -49,10 +50,7 @@ pub(super) struct Run {
 /// The latent noise of a step: a stream seeded by (seed, global step), so a resumed run draws
 /// exactly what the uninterrupted one drew.
 fn step_rng(seed: u64, step: u64) -> StdRng {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    StdRng::seed_from_u64(z ^ (z >> 31))
+    StdRng::seed_from_u64(SplitMix64::for_stream(seed, step).next_u64())
 }
 
 /// Mutable counters of the loop.
