@@ -129,4 +129,18 @@ pub struct BenchArgs {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Print the result as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// TF32 tensor cores for float32 matrix products and convolutions on CUDA (PyTorch's
+    /// default for convolutions); `off` for full float32 precision.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub tf32: Switch,
+}
+
+/// An on/off setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }

@@ -11,6 +11,8 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod image_io;
 pub mod kernels;
 pub mod model;

@@ -6,53 +6,12 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, parity, tiny16};
+use common::{
+    assert_close, parity, tiny16, tiny16_settings as settings, tiny16_trainer as trainer,
+};
 use fluxflow::checkpoint::load_model;
 use fluxflow::model::{FluxModel, Noise};
-use fluxflow::train::optim::{self, OptimizerSpec, RmsPropConfig};
-use fluxflow::train::schedule::{CosineAnnealingLrConfig, Scheduler, SchedulerSpec};
 use fluxflow::train::step::{vae_params, StepConfig, StepMetrics, StepOutcome, VaeTrainer};
-
-fn settings() -> serde_json::Value {
-    let text = std::fs::read_to_string(parity("tiny16.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn trainer(model: &FluxModel) -> VaeTrainer {
-    let s = &settings()["train"];
-    let f = |k: &str| s[k].as_f64().unwrap();
-    let config = StepConfig {
-        kl_beta: f("kl_beta"),
-        kl_warmup_steps: s["kl_warmup_steps"].as_u64().unwrap(),
-        kl_free_bits: f("kl_free_bits"),
-        freq_alpha: f("freq_alpha"),
-        mse_weight: f("mse_weight"),
-        clip_norm: f("clip_norm"),
-        adaptive_weights: s["adaptive_weights"].as_bool().unwrap(),
-        adaptive_window: 100,
-        ema_decay: f("ema_decay"),
-        use_spade: true,
-    };
-    let spec = OptimizerSpec::RmsProp(RmsPropConfig {
-        lr: f("lr"),
-        alpha: f("alpha"),
-        momentum: f("momentum"),
-        centered: s["centered"].as_bool().unwrap(),
-        ..RmsPropConfig::default()
-    });
-    let opt = optim::build("vae", &spec, vae_params(model)).unwrap();
-    let sched = Scheduler::build(
-        "vae",
-        &SchedulerSpec::CosineAnnealing(CosineAnnealingLrConfig {
-            eta_min_factor: Some(f("eta_min_factor")),
-            ..Default::default()
-        }),
-        f("lr"),
-        s["total_steps"].as_u64().unwrap(),
-    )
-    .unwrap();
-    VaeTrainer::new(config, model, opt, sched).unwrap()
-}
 
 fn run_step(
     t: &mut VaeTrainer,

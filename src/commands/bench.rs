@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::parse_device;
-use crate::cli::BenchArgs;
+use crate::cli::{BenchArgs, Switch};
 use crate::config::{Config, Overrides, QUICKSTART};
 use crate::model::{FluxModel, Noise};
 use crate::train::factory::{optimizer_spec, scheduler_spec};
@@ -26,6 +26,12 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(args: &BenchArgs) -> Result<String> {
+    if args.steps == 0 {
+        anyhow::bail!("--steps 0: the benchmark needs at least one timed step");
+    }
+    if args.batch == 0 || args.width == 0 || args.height == 0 {
+        anyhow::bail!("--batch, --width and --height must be at least 1");
+    }
     let overrides = Overrides {
         device: args.device.clone(),
         ..Overrides::default()
@@ -41,6 +47,12 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         )?,
     };
     let device = parse_device(&cfg.training.device)?;
+    let tf32 = device.is_cuda() && args.tf32 == Switch::On;
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+        crate::gpu::configure(&device)?;
+    }
     let dtype = if cfg.training.dtype == "f64" {
         DType::F64
     } else {
@@ -72,9 +84,39 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let mem = peak_rss_mib()
+    let rss = peak_rss_mib();
+    #[cfg(feature = "cuda")]
+    let gpu_mib = crate::gpu::peak_bytes(&device)?.map(|b| b as f64 / (1u64 << 20) as f64);
+    #[cfg(not(feature = "cuda"))]
+    let gpu_mib: Option<f64> = None;
+    if args.json {
+        let round = |v: Option<f64>| v.map(|m| (m * 10.0).round() / 10.0);
+        return Ok(serde_json::json!({
+            "impl": "fluxflow",
+            "device": format!("{device:?}"),
+            "dtype": format!("{dtype:?}").to_lowercase(),
+            "tf32": tf32,
+            "batch": b,
+            "width": w,
+            "height": h,
+            "vae_dim": cfg.model.vae_dim,
+            "checkpointing": false,
+            "steps": times.len(),
+            "median_step_s": median,
+            "min_step_s": times[0],
+            "max_step_s": times[times.len() - 1],
+            "images_per_s": b as f64 / median,
+            "peak_rss_mb": round(rss),
+            "peak_gpu_mb": round(gpu_mib),
+        })
+        .to_string());
+    }
+    let mut mem = rss
         .map(|m| format!(", peak resident memory {m:.0} MiB"))
         .unwrap_or_default();
+    if let Some(g) = gpu_mib {
+        mem += &format!(", peak GPU memory {g:.0} MiB");
+    }
     Ok(format!(
         "training step, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}: median {median:.3} s \
          (min {:.3}, max {:.3}, {} steps), {:.2} images/s{mem}",

@@ -1,7 +1,12 @@
-//! 2-D convolution and transposed convolution with a fast CPU transposed convolution:
-//! `cols = W^T x` (one GEMM per batch item and channel chunk), then col2im scatter-adds the
-//! columns into the output. `conv2d` is candle's forward with a backward whose input gradient
-//! uses that transposed convolution. On other devices both are candle's own ops.
+//! 2-D convolution and transposed convolution as custom ops with their own backward passes.
+//!
+//! - CPU: a fast transposed convolution, `cols = W^T x` (one GEMM per batch item and channel
+//!   chunk), then col2im scatter-adds the columns into the output. `conv2d` is candle's forward
+//!   with a backward whose input gradient uses that transposed convolution.
+//! - CUDA (`cudnn` feature): every pass on cuDNN (`super::cudnn`): forward, input gradient
+//!   (backward-data, also the transposed convolution's forward) and weight gradient
+//!   (backward-filter); candle's naive CUDA kernels are never used.
+//! - Other devices and dtypes: candle's own ops.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -12,7 +17,9 @@ struct Geometry {
     padding: usize,
     stride: usize,
     dilation: usize,
-    output_padding: usize,
+    /// Extra output rows and columns of a transposed convolution (per axis: a strided
+    /// convolution's input gradient needs different amounts where H and W differ in parity).
+    output_padding: (usize, usize),
 }
 
 /// Elements of the column buffer per GEMM, to bound memory on large layers.
@@ -42,8 +49,8 @@ where
         candle_core::bail!("conv_transpose2d: kernel {ws:?} does not fit input {xs:?}");
     }
     let span = g.dilation * (k - 1);
-    let size = |n: usize| -> Result<usize> {
-        ((n.max(1) - 1) * g.stride + span + 1 + g.output_padding)
+    let size = |n: usize, op: usize| -> Result<usize> {
+        ((n.max(1) - 1) * g.stride + span + 1 + op)
             .checked_sub(2 * g.padding)
             .filter(|s| *s > 0 && n > 0)
             .ok_or_else(|| {
@@ -53,7 +60,7 @@ where
                 ))
             })
     };
-    let (oh, ow) = (size(h)?, size(wd)?);
+    let (oh, ow) = (size(h, g.output_padding.0)?, size(wd, g.output_padding.1)?);
     let hw = h * wd;
     let mut out = vec![T::default(); b * co * oh * ow];
     // W as [Ci, Co*K*K]; its transpose times X_b [Ci, H*W] gives the columns.
@@ -145,6 +152,36 @@ impl CustomOp2 for ConvTransposeOp {
         }
     }
 
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cudnn::{run_storage, shape_of, Pass};
+        let g = self.0;
+        let (b, _, h, wd) = dims4(l1)?;
+        let (_, co, k, _) = dims4(l2)?;
+        let out = |n: usize, op: usize| (n - 1) * g.stride + g.dilation * (k - 1) + 1 + op;
+        let (oh, ow) = (out(h, g.output_padding.0), out(wd, g.output_padding.1));
+        if oh <= 2 * g.padding || ow <= 2 * g.padding || h == 0 || wd == 0 {
+            candle_core::bail!("conv_transpose2d: input too small for kernel {k}");
+        }
+        let x = [b, co, oh - 2 * g.padding, ow - 2 * g.padding];
+        let s = shape_of(
+            Pass::BackwardData,
+            l1,
+            l2,
+            g.padding,
+            g.stride,
+            g.dilation,
+            x,
+        )?;
+        run_storage(Pass::BackwardData, &s, (s1, l1), (s2, l2))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -154,13 +191,90 @@ impl CustomOp2 for ConvTransposeOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.0;
         let grad = grad.contiguous()?;
-        let grad_x = grad.conv2d(w, g.padding, g.stride, g.dilation, 1)?;
-        let grad_w = grad
-            .transpose(0, 1)?
-            .conv2d(&x.transpose(0, 1)?, g.padding, g.dilation, g.stride, 1)?
-            .transpose(0, 1)?;
-        Ok((Some(grad_x), Some(fit_kernel(&grad_w, w)?)))
+        // y = convT(x, w) is the input gradient of the convolution grad -> x by w, so its
+        // gradients are that convolution's forward pass and weight gradient.
+        let grad_x = conv2d(&grad, w, g.padding, g.stride, g.dilation)?;
+        let grad_w = weight_grad(&grad, x, w, g)?;
+        Ok((Some(grad_x), Some(grad_w)))
     }
+}
+
+/// The weight gradient of the forward convolution `y = conv(x, w)` from `x` and `dy`, shaped
+/// like `w` [K, C, kh, kw]: cuDNN's backward-filter on CUDA, else the correlation of `x` with
+/// `dy` (candle's formula).
+fn weight_grad(x: &Tensor, dy: &Tensor, w: &Tensor, g: Geometry) -> Result<Tensor> {
+    #[cfg(feature = "cudnn")]
+    if x.device().is_cuda() {
+        let (k, c, kh, kw) = w.dims4()?;
+        let op = ConvFilterGradOp {
+            g,
+            w: [k, c, kh, kw],
+        };
+        return x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &op);
+    }
+    let grad_w = x
+        .transpose(0, 1)?
+        .conv2d(&dy.transpose(0, 1)?, g.padding, g.dilation, g.stride, 1)?
+        .transpose(0, 1)?;
+    fit_kernel(&grad_w, w)
+}
+
+/// cuDNN's backward-filter as an op of (x, dy): the weight gradient, shaped `w`.
+#[cfg(feature = "cudnn")]
+struct ConvFilterGradOp {
+    g: Geometry,
+    w: [usize; 4],
+}
+
+#[cfg(feature = "cudnn")]
+impl CustomOp2 for ConvFilterGradOp {
+    fn name(&self) -> &'static str {
+        "fluxflow-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cudnn::{run_storage, shape_of, Pass};
+        let g = self.g;
+        let s = shape_of(
+            Pass::BackwardFilter,
+            l1,
+            l2,
+            g.padding,
+            g.stride,
+            g.dilation,
+            self.w,
+        )?;
+        run_storage(Pass::BackwardFilter, &s, (s1, l1), (s2, l2))
+    }
+}
+
+/// Whether a convolution of `x` runs as our custom op: f32/f64 on the CPU, any float dtype on
+/// CUDA with cuDNN.
+fn custom_path(x: &Tensor) -> bool {
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    let cuda = cfg!(feature = "cudnn")
+        && x.device().is_cuda()
+        && matches!(
+            x.dtype(),
+            DType::F32 | DType::F64 | DType::BF16 | DType::F16
+        );
+    cpu || cuda
 }
 
 /// The transposed convolution of `x` [B, Ci, H, W] by `w` [Ci, Co, K, K] (no bias).
@@ -172,9 +286,30 @@ pub fn conv_transpose2d(
     stride: usize,
     dilation: usize,
 ) -> Result<Tensor> {
-    let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !fast {
-        return x.conv_transpose2d(w, padding, output_padding, stride, dilation);
+    conv_transpose2d_hw(
+        x,
+        w,
+        padding,
+        (output_padding, output_padding),
+        stride,
+        dilation,
+    )
+}
+
+/// [`conv_transpose2d`] with separate output paddings for rows and columns.
+fn conv_transpose2d_hw(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    output_padding: (usize, usize),
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    if !custom_path(x) {
+        if output_padding.0 != output_padding.1 {
+            candle_core::bail!("conv_transpose2d: per-axis output padding needs the custom op");
+        }
+        return x.conv_transpose2d(w, padding, output_padding.0, stride, dilation);
     }
     let g = Geometry {
         padding,
@@ -225,6 +360,34 @@ impl CustomOp2 for Conv2dOp {
         }
     }
 
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cudnn::{run_storage, shape_of, Pass};
+        let g = self.0;
+        let (b, _, h, wd) = dims4(l1)?;
+        let (co, _, k, _) = dims4(l2)?;
+        let out = |n: usize| -> Result<usize> {
+            (n + 2 * g.padding)
+                .checked_sub(g.dilation * (k - 1) + 1)
+                .map(|v| v / g.stride + 1)
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "conv2d: input {h}x{wd} too small for kernel {k} and padding {}",
+                        g.padding
+                    ))
+                })
+        };
+        let y = [b, co, out(h)?, out(wd)?];
+        let s = shape_of(Pass::Forward, l1, l2, g.padding, g.stride, g.dilation, y)?;
+        run_storage(Pass::Forward, &s, (s1, l1), (s2, l2))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -233,22 +396,23 @@ impl CustomOp2 for Conv2dOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.0;
-        let (_, _, xh, _) = x.dims4()?;
+        let (_, _, xh, xw) = x.dims4()?;
         let (_, _, k, _) = w.dims4()?;
-        let gh = grad.dim(2)?;
-        let out = ((gh - 1) * g.stride + g.dilation * (k - 1) + 1).saturating_sub(2 * g.padding);
-        let output_padding = xh.checked_sub(out).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "conv2d backward: cannot map {gh} rows back to {xh}"
-            ))
-        })?;
+        let (_, _, gh, gw) = grad.dims4()?;
+        // The rows (columns) of x the strided convolution never reached come back as output
+        // padding of the transposed convolution.
+        let pad = |gn: usize, xn: usize| -> Result<usize> {
+            let out =
+                ((gn - 1) * g.stride + g.dilation * (k - 1) + 1).saturating_sub(2 * g.padding);
+            xn.checked_sub(out).ok_or_else(|| {
+                candle_core::Error::Msg(format!("conv2d backward: cannot map {gn} back to {xn}"))
+            })
+        };
+        let op = (pad(gh, xh)?, pad(gw, xw)?);
         let grad = grad.contiguous()?;
-        let grad_x = conv_transpose2d(&grad, w, g.padding, output_padding, g.stride, g.dilation)?;
-        let grad_w = x
-            .transpose(0, 1)?
-            .conv2d(&grad.transpose(0, 1)?, g.padding, g.dilation, g.stride, 1)?
-            .transpose(0, 1)?;
-        Ok((Some(grad_x), Some(fit_kernel(&grad_w, w)?)))
+        let grad_x = conv_transpose2d_hw(&grad, w, g.padding, op, g.stride, g.dilation)?;
+        let grad_w = weight_grad(x, &grad, w, g)?;
+        Ok((Some(grad_x), Some(grad_w)))
     }
 }
 
@@ -261,15 +425,14 @@ pub fn conv2d(
     dilation: usize,
 ) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
-    let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && kh == kw;
-    if !fast {
+    if !(custom_path(x) && kh == kw) {
         return x.conv2d(w, padding, stride, dilation, 1);
     }
     let g = Geometry {
         padding,
         stride,
         dilation,
-        output_padding: 0,
+        output_padding: (0, 0),
     };
     x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp(g))
 }
@@ -319,8 +482,18 @@ mod tests {
         }
     }
 
+    /// <a, b> over all elements.
+    fn dot(a: &Tensor, b: &Tensor) -> f64 {
+        (a * b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     #[test]
-    fn convolution_gradients_match_candle() {
+    fn convolution_gradients_match_candle_and_the_adjoint_identity() {
         let dev = Device::Cpu;
         for (k, s, p, d, h) in [
             (8, 2, 3, 1, 16),
@@ -328,26 +501,51 @@ mod tests {
             (3, 1, 1, 1, 7),
             (1, 1, 0, 1, 3),
             (8, 2, 3, 1, 15),
+            (4, 2, 1, 1, 8),
         ] {
-            let x = candle_core::Var::randn(0f64, 1.0, (2, 3, h, h + 2), &dev).unwrap();
-            let w = candle_core::Var::randn(0f64, 1.0, (4, 3, k, k), &dev).unwrap();
-            let ours = conv2d(x.as_tensor(), w.as_tensor(), p, s, d).unwrap();
-            let theirs = x.as_tensor().conv2d(w.as_tensor(), p, s, d, 1).unwrap();
-            assert!(close(&ours, &theirs) < 1e-10);
-            let r = Tensor::randn(0f64, 1.0, ours.dims(), &dev).unwrap();
-            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &w] {
-                let (a, b) = (
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
+            // Widths of both parities: under stride 2 an odd extra column is never reached.
+            for wd in [h + 2, h + 1] {
+                let x = candle_core::Var::randn(0f64, 1.0, (2, 3, h, wd), &dev).unwrap();
+                let w = candle_core::Var::randn(0f64, 1.0, (4, 3, k, k), &dev).unwrap();
+                let ours = conv2d(x.as_tensor(), w.as_tensor(), p, s, d).unwrap();
+                let theirs = x.as_tensor().conv2d(w.as_tensor(), p, s, d, 1).unwrap();
+                assert!(close(&ours, &theirs) < 1e-10);
+                let r = Tensor::randn(0f64, 1.0, ours.dims(), &dev).unwrap();
+                let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gx, gw) = (g1.get(&x).unwrap(), g1.get(&w).unwrap());
+                assert_eq!(gx.dims(), x.dims(), "k{k} s{s} {h}x{wd}");
+                // The convolution is linear in x and in w, so for any probe x2 (w2):
+                // <conv(x2, w), r> = <x2, dL/dx> and <conv(x, w2), r> = <w2, dL/dw>.
+                let x2 = Tensor::randn(0f64, 1.0, x.dims(), &dev).unwrap();
+                let w2 = Tensor::randn(0f64, 1.0, w.dims(), &dev).unwrap();
+                let lhs = dot(&conv2d(&x2, w.as_tensor(), p, s, d).unwrap(), &r);
+                let rel = (lhs - dot(&x2, gx)).abs() / lhs.abs().max(1.0);
+                assert!(
+                    rel < 1e-10,
+                    "input gradient k{k} s{s} p{p} d{d} {h}x{wd}: {rel:e}"
                 );
-                assert!(close(a, b) < 1e-10, "gradient k{k} s{s} p{p} d{d} h{h}");
+                let lhs = dot(&conv2d(x.as_tensor(), &w2, p, s, d).unwrap(), &r);
+                let rel = (lhs - dot(&w2, gw)).abs() / lhs.abs().max(1.0);
+                assert!(
+                    rel < 1e-10,
+                    "weight gradient k{k} s{s} p{p} d{d} {h}x{wd}: {rel:e}"
+                );
+                if (h + 2 * p - d * (k - 1) - 1) % s == (wd + 2 * p - d * (k - 1) - 1) % s {
+                    // candle's own backward handles only one output padding for both axes.
+                    let g2 = (&theirs * &r)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    for v in [&x, &w] {
+                        let (a, b) = (
+                            g1.get(v.as_tensor()).unwrap(),
+                            g2.get(v.as_tensor()).unwrap(),
+                        );
+                        assert!(close(a, b) < 1e-10, "gradient k{k} s{s} p{p} d{d} {h}x{wd}");
+                    }
+                }
             }
         }
     }

@@ -58,9 +58,8 @@ impl BezierActivation {
         Self { t_pre, p_pre }
     }
 
-    /// [B, 5F] -> [B, F]; [B, S, 5F] -> [B, S, F]; [B, 5F, H, W, ...] -> [B, F, H, W, ...]
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
+    /// The grouped axis of `dims`.
+    fn axis(dims: &[usize]) -> Result<usize> {
         let axis = match dims.len() {
             2 | 3 => dims.len() - 1,
             n if n >= 4 => 1,
@@ -69,6 +68,31 @@ impl BezierActivation {
         if !dims[axis].is_multiple_of(5) {
             candle_core::bail!("Bezier activation: axis {axis} of {dims:?} is not divisible by 5");
         }
+        Ok(axis)
+    }
+
+    /// [B, 5F] -> [B, F]; [B, S, 5F] -> [B, S, F]; [B, 5F, H, W, ...] -> [B, F, H, W, ...]
+    ///
+    /// One fused op (`kernels::bezier`) where the dtype and device allow, else
+    /// [`Self::forward_composite`].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !crate::kernels::bezier::supported(x) {
+            return self.forward_composite(x);
+        }
+        let dims = x.dims().to_vec();
+        let axis = Self::axis(&dims)?;
+        let mut out = dims.clone();
+        out[axis] /= 5;
+        // Channel c = 5f + i: grouped as [.., F, 5, S] with S the positions after the axis.
+        let s: usize = dims[axis + 1..].iter().product();
+        crate::kernels::bezier::bezier(x, self.t_pre, self.p_pre, s.max(1), out.into())
+    }
+
+    /// The activation as a composition of candle ops (each keeps its inputs for the backward
+    /// pass): the definition the fused op is tested against.
+    pub fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let axis = Self::axis(&dims)?;
         // Split the grouped axis into (F, 5) and take the five parts along the new axis.
         let mut grouped = dims.clone();
         grouped[axis] = dims[axis] / 5;

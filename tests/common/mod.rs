@@ -6,11 +6,61 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
 
-/// `../shared/parity/<name>` from the project root.
+/// `../shared/parity/<name>` from the project root, or from `$FLUXFLOW_PARITY_DIR` where set
+/// (the GPU machine gets a copy of the fixtures, see scripts/gpu-check.sh).
 pub fn parity(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/parity")
-        .join(name)
+    match std::env::var_os("FLUXFLOW_PARITY_DIR") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/parity")
+            .join(name),
+    }
+}
+
+/// The `train` settings and `steps` of tiny16.json.
+pub fn tiny16_settings() -> serde_json::Value {
+    let text = std::fs::read_to_string(parity("tiny16.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A trainer with tiny16.json's Phase 1 training settings for `model`.
+pub fn tiny16_trainer(model: &fluxflow::model::FluxModel) -> fluxflow::train::step::VaeTrainer {
+    use fluxflow::train::optim::{self, OptimizerSpec, RmsPropConfig};
+    use fluxflow::train::schedule::{CosineAnnealingLrConfig, Scheduler, SchedulerSpec};
+    use fluxflow::train::step::{vae_params, StepConfig, VaeTrainer};
+    let s = &tiny16_settings()["train"];
+    let f = |k: &str| s[k].as_f64().unwrap();
+    let config = StepConfig {
+        kl_beta: f("kl_beta"),
+        kl_warmup_steps: s["kl_warmup_steps"].as_u64().unwrap(),
+        kl_free_bits: f("kl_free_bits"),
+        freq_alpha: f("freq_alpha"),
+        mse_weight: f("mse_weight"),
+        clip_norm: f("clip_norm"),
+        adaptive_weights: s["adaptive_weights"].as_bool().unwrap(),
+        adaptive_window: 100,
+        ema_decay: f("ema_decay"),
+        use_spade: true,
+    };
+    let spec = OptimizerSpec::RmsProp(RmsPropConfig {
+        lr: f("lr"),
+        alpha: f("alpha"),
+        momentum: f("momentum"),
+        centered: s["centered"].as_bool().unwrap(),
+        ..RmsPropConfig::default()
+    });
+    let opt = optim::build("vae", &spec, vae_params(model)).unwrap();
+    let sched = Scheduler::build(
+        "vae",
+        &SchedulerSpec::CosineAnnealing(CosineAnnealingLrConfig {
+            eta_min_factor: Some(f("eta_min_factor")),
+            ..Default::default()
+        }),
+        f("lr"),
+        s["total_steps"].as_u64().unwrap(),
+    )
+    .unwrap();
+    VaeTrainer::new(config, model, opt, sched).unwrap()
 }
 
 /// Every tensor of tiny16.safetensors.

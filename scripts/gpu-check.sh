@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The whole GPU verification as one command, for one call of the device tool (<= 10 minutes):
+#   1. the GPU test binary (tests/gpu.rs): tiny16 fixtures on CUDA, three training steps
+#      against the CPU, the cuDNN convolutions against the CPU ops;
+#   2. `fluxflow bench --json` and the PyTorch reference's step (float32, gradient
+#      checkpointing on, PyTorch's defaults) side by side at each size, plus the FLOPs of a step;
+#   3. a table of both (images/s, peak GPU memory, share of the GPU's bf16 peak).
+# Prepare on the build machine with scripts/gpu-pack.sh (the GPU machine has no Rust), then on
+# the GPU machine, from the repository root, with .gpu carried:
+#   scripts/gpu-check.sh            # OUT=dir for the results (default gpu-out), SIZES="256 512 1024"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=${GPU_DIR:-.gpu}
+OUT=${OUT:-gpu-out}
+SIZES=${SIZES:-256 512 1024}
+BATCH=${BATCH:-2}
+STEPS=${STEPS:-5}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+
+# The CUDA libraries of the machine's PyTorch (cuBLAS, cuRAND, NVRTC, cuDNN, runtime).
+site=$(python3 -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))')
+for d in "$site"/nvidia/cu13/lib "$site"/nvidia/cudnn/lib "$site"/nvidia/*/lib; do
+  [[ -d $d ]] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
+done
+export LD_LIBRARY_PATH
+# Unpack the binaries (xz-compressed by scripts/gpu-pack.sh).
+BIN=${BIN_DIR:-/tmp/fluxflow-gpu}
+mkdir -p "$BIN"
+for b in fluxflow gpu-tests; do
+  python3 -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
+    "$G/bin/$b.xz" "$BIN/$b" && chmod +x "$BIN/$b" || { echo "cannot unpack $G/bin/$b.xz"; exit 1; }
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+missing=$(ldd "$BIN/fluxflow" | grep 'not found' || true)
+if [[ -n $missing ]]; then echo "unresolved libraries:"; echo "$missing"; exit 1; fi
+
+stamp "GPU tests"
+FLUXFLOW_PARITY_DIR=$G/parity timeout "${TEST_TIMEOUT:-300}" "$BIN/gpu-tests" --test-threads 1 \
+  ${TESTS:-}
+tests_rc=$?
+stamp "GPU tests exit $tests_rc"
+
+: > "$OUT/bench.jsonl"
+for s in $SIZES; do
+  stamp "bench ${s}x${s}: fluxflow"
+  timeout "${BENCH_TIMEOUT:-150}" "$BIN/fluxflow" bench --device cuda --width "$s" --height "$s" \
+    --batch "$BATCH" --steps "$STEPS" --json ${FLUXFLOW_BENCH_ARGS:-} | tail -n1 | tee -a "$OUT/bench.jsonl"
+  stamp "bench ${s}x${s}: PyTorch reference"
+  timeout "${BENCH_TIMEOUT:-150}" python3 "$G/bench_reference.py" --models "$G" --device cuda \
+    --size "$s" --batch "$BATCH" --steps "$STEPS" --checkpointing on 2>/dev/null | tail -n1 |
+    tee -a "$OUT/bench.jsonl"
+  timeout 120 python3 "$G/step_flops.py" --models "$G" --size "$s" --batch "$BATCH" 2>/dev/null |
+    tail -n1 | tee -a "$OUT/bench.jsonl"
+done
+
+stamp "table"
+python3 - "$OUT/bench.jsonl" > "$OUT/table.md" <<'PY'
+import json, sys, subprocess
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                     capture_output=True, text=True).stdout.strip()
+# Dense bf16 tensor-core peak (FLOP/s) by GPU name.
+peaks = {"H200": 989e12, "H100": 989e12, "A6000": 154.8e12, "A100": 312e12}
+peak = next((v for k, v in peaks.items() if k in gpu), None)
+by = {}
+for r in rows:
+    key = (r["height"], r["width"])
+    kind = r.get("impl") or "flops"
+    by.setdefault(key, {})[kind] = r
+print(f"GPU: {gpu}\n")
+print("| size | fluxflow img/s | reference img/s | speed ratio | fluxflow peak GPU MB | "
+      "reference peak GPU MB | memory ratio | fluxflow share of bf16 peak |")
+print("|---|---|---|---|---|---|---|---|")
+for (h, w), d in sorted(by.items()):
+    o, r, f = d.get("fluxflow"), d.get("pytorch-reference"), d.get("flops")
+    fmt = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"
+    oi, ri = o and o["images_per_s"], r and r["images_per_s"]
+    om, rm = o and o.get("peak_gpu_mb"), r and r.get("peak_mem_mb")
+    share = None
+    if o and f and peak:
+        share = f["step_flops"] / o["median_step_s"] / peak * 100
+    print(f"| {h}x{w} | {fmt(oi)} | {fmt(ri)} | {fmt(oi / ri if oi and ri else None)}x | "
+          f"{fmt(om, 0)} | {fmt(rm, 0)} | {fmt(om / rm if om and rm else None)}x | "
+          f"{fmt(share, 1)}% |")
+PY
+cat "$OUT/table.md"
+stamp "done"
+exit $tests_rc

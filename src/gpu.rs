@@ -1,0 +1,73 @@
+//! GPU memory: the device's stream-ordered memory pool, which candle's CUDA allocations come
+//! from (cudarc allocates with `cuMemAllocAsync` on the default pool).
+//!
+//! By default that pool hands freed memory back to the driver at every synchronisation, so each
+//! training step would map and unmap its activations again; [`configure`] keeps freed memory
+//! in the pool, as PyTorch's caching allocator does. [`peak_bytes`] reads the pool's high-water
+//! mark of memory in use: what `bench` reports as peak GPU memory, comparable with
+//! `torch.cuda.max_memory_allocated`.
+
+use anyhow::{Context, Result};
+use candle_core::cuda_backend::cudarc::driver::{result, sys};
+use candle_core::Device;
+
+fn pool(dev: &Device) -> Result<Option<sys::CUmemoryPool>> {
+    let Device::Cuda(cuda) = dev else {
+        return Ok(None);
+    };
+    let ctx = cuda.cuda_stream().context().clone();
+    ctx.bind_to_thread().context("binding the CUDA context")?;
+    // SAFETY: the device handle comes from a live context.
+    let pool = unsafe { result::device::get_default_mem_pool(ctx.cu_device()) }
+        .context("the device's default memory pool")?;
+    Ok(Some(pool))
+}
+
+fn set(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute, mut v: u64) -> Result<()> {
+    // SAFETY: the attributes set here take a cuuint64_t.
+    unsafe { result::mem_pool::set_attribute(pool, attr, (&mut v) as *mut u64 as *mut _) }
+        .with_context(|| format!("setting the memory pool's {attr:?}"))
+}
+
+/// Keeps freed GPU memory cached in the pool between steps and resets the peak. No-op off CUDA.
+pub fn configure(dev: &Device) -> Result<()> {
+    if let Some(p) = pool(dev)? {
+        set(
+            p,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            u64::MAX,
+        )?;
+        reset_peak(dev)?;
+    }
+    Ok(())
+}
+
+/// Starts a new high-water mark of GPU memory in use.
+pub fn reset_peak(dev: &Device) -> Result<()> {
+    if let Some(p) = pool(dev)? {
+        set(
+            p,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            0,
+        )?;
+    }
+    Ok(())
+}
+
+/// The most GPU memory in use at once since the last reset, in bytes; None off CUDA.
+pub fn peak_bytes(dev: &Device) -> Result<Option<u64>> {
+    let Some(p) = pool(dev)? else {
+        return Ok(None);
+    };
+    let mut v = 0u64;
+    // SAFETY: USED_MEM_HIGH is a cuuint64_t.
+    unsafe {
+        result::mem_pool::get_attribute(
+            p,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut v) as *mut u64 as *mut _,
+        )
+    }
+    .context("reading the memory pool's peak")?;
+    Ok(Some(v))
+}

@@ -1,0 +1,179 @@
+//! Launches fluxflow's own CUDA kernels (`src/kernels/cuda/*.cu`, compiled to PTX by build.rs)
+//! on candle's CUDA storages: the `cuda_fwd` halves of the fused ops in this module's siblings.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+use half::bf16;
+
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/fluxflow_ptx.rs"));
+}
+
+const MODULE: &str = "fluxflow_fused";
+
+/// A grid-stride launch over `n` elements.
+fn launch_cfg(n: usize) -> LaunchConfig {
+    const THREADS: u32 = 256;
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn view<'a, T: CudaDType>(st: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
+    Ok(st.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::BF16 => "bf16",
+        d => candle_core::bail!("{what}: no CUDA kernel for {d:?}"),
+    })
+}
+
+/// The fused Bezier activation's forward pass: x [G, 5, S] -> y [G, S].
+pub fn bezier_fwd(st: &CudaStorage, l: &Layout, s: usize, tk: i32, pk: i32) -> Result<CudaStorage> {
+    let dev = st.device().clone();
+    let n = l.shape().elem_count() / 5;
+    let groups = (n / s) as u64;
+    let name = format!("bezier_fwd_{}", suffix(st.dtype(), "Bezier activation")?);
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        x: CudaView<T>,
+        n: usize,
+        args: (u64, u64, i32, i32),
+    ) -> Result<CudaSlice<T>> {
+        let func = dev.get_or_load_custom_func(name, MODULE, ptx::FUSED)?;
+        // SAFETY: the kernel writes all n elements.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        if n == 0 {
+            return Ok(y);
+        }
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&y);
+        b.arg(&args.0);
+        b.arg(&args.1);
+        b.arg(&args.2);
+        b.arg(&args.3);
+        // SAFETY: argument types and order match bezier_fwd_* in fused.cu.
+        unsafe { b.launch(launch_cfg(n)) }.w()?;
+        Ok(y)
+    }
+    let args = (groups, s as u64, tk, pk);
+    let what = "Bezier activation";
+    Ok(match st.dtype() {
+        DType::F32 => {
+            let y = go::<f32>(&dev, &name, view(st, l, what)?, n, args)?;
+            CudaStorage::wrap_cuda_slice(y, dev)
+        }
+        DType::F64 => {
+            let y = go::<f64>(&dev, &name, view(st, l, what)?, n, args)?;
+            CudaStorage::wrap_cuda_slice(y, dev)
+        }
+        DType::BF16 => {
+            let y = go::<bf16>(&dev, &name, view(st, l, what)?, n, args)?;
+            CudaStorage::wrap_cuda_slice(y, dev)
+        }
+        d => candle_core::bail!("{what}: no CUDA kernel for {d:?}"),
+    })
+}
+
+/// The fused Bezier activation's backward pass: (x [G, 5, S], dy [G, S]) -> dx [G, 5, S].
+pub fn bezier_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    s: usize,
+    tk: i32,
+    pk: i32,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let n = lx.shape().elem_count();
+    if ldy.shape().elem_count() * 5 != n {
+        candle_core::bail!(
+            "Bezier backward: gradient {:?} does not fit {:?}",
+            ldy.shape(),
+            lx.shape()
+        );
+    }
+    let groups = (n / 5 / s) as u64;
+    let name = format!("bezier_bwd_{}", suffix(x.dtype(), "Bezier backward")?);
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        x: CudaView<T>,
+        dy: CudaView<T>,
+        n: usize,
+        args: (u64, u64, i32, i32),
+    ) -> Result<CudaSlice<T>> {
+        let func = dev.get_or_load_custom_func(name, MODULE, ptx::FUSED)?;
+        // SAFETY: the kernel writes all n elements.
+        let dx = unsafe { dev.alloc::<T>(n)? };
+        if n == 0 {
+            return Ok(dx);
+        }
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&dy);
+        b.arg(&dx);
+        b.arg(&args.0);
+        b.arg(&args.1);
+        b.arg(&args.2);
+        b.arg(&args.3);
+        // SAFETY: argument types and order match bezier_bwd_* in fused.cu.
+        unsafe { b.launch(launch_cfg(n / 5)) }.w()?;
+        Ok(dx)
+    }
+    let args = (groups, s as u64, tk, pk);
+    let what = "Bezier backward";
+    Ok(match x.dtype() {
+        DType::F32 => {
+            let v = go::<f32>(
+                &dev,
+                &name,
+                view(x, lx, what)?,
+                view(dy, ldy, what)?,
+                n,
+                args,
+            )?;
+            CudaStorage::wrap_cuda_slice(v, dev)
+        }
+        DType::F64 => {
+            let v = go::<f64>(
+                &dev,
+                &name,
+                view(x, lx, what)?,
+                view(dy, ldy, what)?,
+                n,
+                args,
+            )?;
+            CudaStorage::wrap_cuda_slice(v, dev)
+        }
+        DType::BF16 => {
+            let v = go::<bf16>(
+                &dev,
+                &name,
+                view(x, lx, what)?,
+                view(dy, ldy, what)?,
+                n,
+                args,
+            )?;
+            CudaStorage::wrap_cuda_slice(v, dev)
+        }
+        d => candle_core::bail!("{what}: no CUDA kernel for {d:?}"),
+    })
+}
