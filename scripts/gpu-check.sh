@@ -12,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 G=${GPU_DIR:-.gpu}
 OUT=${OUT:-gpu-out}
-SIZES=${SIZES:-256 512 1024}
+SIZES=${SIZES-256 512 1024}
 BATCH=${BATCH:-2}
 STEPS=${STEPS:-5}
 mkdir -p "$OUT"
@@ -45,16 +45,25 @@ tests_rc=$?
 stamp "GPU tests exit $tests_rc"
 
 : > "$OUT/bench.jsonl"
+# fluxflow's variants (';'-separated argument sets for `fluxflow bench`).
+VARIANTS=${VARIANTS:---mixed-precision bf16;--mixed-precision no}
+IFS=';' read -r -a variants <<< "$VARIANTS"
 for s in $SIZES; do
-  stamp "bench ${s}x${s}: fluxflow"
-  timeout "${BENCH_TIMEOUT:-150}" "$BIN/fluxflow" bench --device cuda --width "$s" --height "$s" \
-    --batch "$BATCH" --steps "$STEPS" --json ${FLUXFLOW_BENCH_ARGS:-} | tail -n1 | tee -a "$OUT/bench.jsonl"
+  for v in "${variants[@]}"; do
+    stamp "bench ${s}x${s}: fluxflow $v"
+    # shellcheck disable=SC2086
+    FLUXFLOW_CUDNN_LOG=${CUDNN_LOG:-} timeout "${BENCH_TIMEOUT:-150}" "$BIN/fluxflow" bench \
+      --device cuda --width "$s" --height "$s" --batch "$BATCH" --steps "$STEPS" --json $v \
+      2>>"$OUT/cudnn.txt" | tail -n1 | tee -a "$OUT/bench.jsonl"
+  done
   stamp "bench ${s}x${s}: PyTorch reference"
   timeout "${BENCH_TIMEOUT:-150}" python3 "$G/bench_reference.py" --models "$G" --device cuda \
     --size "$s" --batch "$BATCH" --steps "$STEPS" --checkpointing on 2>/dev/null | tail -n1 |
     tee -a "$OUT/bench.jsonl"
-  timeout 120 python3 "$G/step_flops.py" --models "$G" --size "$s" --batch "$BATCH" 2>/dev/null |
-    tail -n1 | tee -a "$OUT/bench.jsonl"
+  if [[ ${FLOPS:-1} == 1 ]]; then
+    timeout 120 python3 "$G/step_flops.py" --models "$G" --size "$s" --batch "$BATCH" 2>/dev/null |
+      tail -n1 | tee -a "$OUT/bench.jsonl"
+  fi
 done
 
 stamp "table"
@@ -66,26 +75,38 @@ gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
 # Dense bf16 tensor-core peak (FLOP/s) by GPU name.
 peaks = {"H200": 989e12, "H100": 989e12, "A6000": 154.8e12, "A100": 312e12}
 peak = next((v for k, v in peaks.items() if k in gpu), None)
-by = {}
+# FLOPs of a step (fwd + bwd, no recomputation) measured on the reference (step_flops.py);
+# the 2026-11-27 H200 figures where this run did not count them.
+flops = {(256, 256): 8105510273024, (512, 512): 32433315381248, (1024, 1024): 129913650151424}
+ref, ours = {}, []
 for r in rows:
     key = (r["height"], r["width"])
-    kind = r.get("impl") or "flops"
-    by.setdefault(key, {})[kind] = r
-print(f"GPU: {gpu}\n")
-print("| size | fluxflow img/s | reference img/s | speed ratio | fluxflow peak GPU MB | "
-      "reference peak GPU MB | memory ratio | fluxflow share of bf16 peak |")
-print("|---|---|---|---|---|---|---|---|")
-for (h, w), d in sorted(by.items()):
-    o, r, f = d.get("fluxflow"), d.get("pytorch-reference"), d.get("flops")
-    fmt = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"
-    oi, ri = o and o["images_per_s"], r and r["images_per_s"]
-    om, rm = o and o.get("peak_gpu_mb"), r and r.get("peak_mem_mb")
-    share = None
-    if o and f and peak:
-        share = f["step_flops"] / o["median_step_s"] / peak * 100
-    print(f"| {h}x{w} | {fmt(oi)} | {fmt(ri)} | {fmt(oi / ri if oi and ri else None)}x | "
-          f"{fmt(om, 0)} | {fmt(rm, 0)} | {fmt(om / rm if om and rm else None)}x | "
-          f"{fmt(share, 1)}% |")
+    if "step_flops" in r:
+        flops[key] = r["step_flops"]
+    elif r.get("impl") == "pytorch-reference":
+        ref[key] = r
+    elif r.get("impl") == "fluxflow":
+        ours.append(r)
+print(f"GPU: {gpu}; batch 2; the reference in float32 (TF32 on), gradient checkpointing on\n")
+print("| size | fluxflow | img/s | reference img/s | speed | peak GPU MB | reference MB | memory "
+      "| share of bf16 peak |")
+print("|---|---|---|---|---|---|---|---|---|")
+fmt = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"
+sizes = sorted(set(ref) | {(o["height"], o["width"]) for o in ours})
+for key in sizes:
+    r = ref.get(key)
+    ri, rm = (r["images_per_s"], r["peak_mem_mb"]) if r else (None, None)
+    variants = [o for o in ours if (o["height"], o["width"]) == key] or [None]
+    for o in variants:
+        name = "n/a" if o is None else (f"{o.get('mixed_precision', 'no')}, ckpt "
+                                         f"{'on' if o['checkpointing'] else 'off'}")
+        oi = o and o["images_per_s"]
+        om = o and o.get("peak_gpu_mb")
+        share = (flops[key] / o["median_step_s"] / peak * 100
+                 if o and key in flops and peak else None)
+        print(f"| {key[0]}x{key[1]} | {name} | {fmt(oi)} | {fmt(ri)} | "
+              f"{fmt(oi / ri if oi and ri else None)}x | {fmt(om, 0)} | {fmt(rm, 0)} | "
+              f"{fmt(om / rm if om and rm else None)}x | {fmt(share, 1)}% |")
 PY
 cat "$OUT/table.md"
 stamp "done"

@@ -132,6 +132,14 @@ pub struct BenchArgs {
     /// Print the result as one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Gradient checkpointing (default: the configuration's model.use_gradient_checkpointing,
+    /// on unless set off, as in the reference).
+    #[arg(long, value_enum)]
+    pub checkpointing: Option<Switch>,
+    /// Mixed precision: no, bf16 (or fp16); default: the configuration's
+    /// training.mixed_precision.
+    #[arg(long)]
+    pub mixed_precision: Option<String>,
     /// TF32 tensor cores for float32 matrix products and convolutions on CUDA (PyTorch's
     /// default for convolutions); `off` for full float32 precision.
     #[arg(long, value_enum, default_value_t = Switch::On)]

@@ -17,6 +17,26 @@ pub enum InitKind {
     Xavier,
 }
 
+/// A parameter in the dtype of the activation it meets. Mixed precision keeps float32 master
+/// weights and computes in bfloat16: the cast's backward pass casts the gradient back, so the
+/// float32 variable receives it. A no-op when the dtypes agree.
+pub fn cast_like(param: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if param.dtype() == x.dtype() {
+        Ok(param.clone())
+    } else {
+        param.to_dtype(x.dtype())
+    }
+}
+
+/// Runs `f` on `x` in float32 where `x` is a 16-bit float (statistics and reductions that
+/// bfloat16 would round away), and casts the result back.
+pub fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
+        _ => f(x),
+    }
+}
+
 fn weight_init(kind: InitKind, fan_in: usize, fan_out: usize) -> Init {
     match kind {
         InitKind::Torch => Init::Uniform(1.0 / (fan_in as f64).sqrt()),
@@ -61,9 +81,11 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&cast_like(&self.weight, x)?.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&cast_like(b, x)?)?,
             None => y,
         };
         let mut out_dims = dims;
@@ -130,13 +152,13 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = crate::kernels::conv2d(
             x,
-            &self.weight,
+            &cast_like(&self.weight, x)?,
             self.cfg.padding,
             self.cfg.stride,
             self.cfg.dilation,
         )?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => y.broadcast_add(&cast_like(b, x)?.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
     }
@@ -182,8 +204,9 @@ impl ConvTranspose2d {
 impl Module for ConvTranspose2d {
     /// [B, in, H, W] -> [B, out, (H-1)s - 2p + k, ...]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::kernels::conv_transpose2d(x, &self.weight, self.padding, 0, self.stride, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        let w = cast_like(&self.weight, x)?;
+        let y = crate::kernels::conv_transpose2d(x, &w, self.padding, 0, self.stride, 1)?;
+        y.broadcast_add(&cast_like(&self.bias, x)?.reshape((1, (), 1, 1))?)
     }
 }
 
@@ -207,8 +230,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xn = normalize_last(x, self.eps)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        let xn = in_f32(x, |x| normalize_last(x, self.eps))?;
+        xn.broadcast_mul(&cast_like(&self.weight, x)?)?
+            .broadcast_add(&cast_like(&self.bias, x)?)
     }
 }
 
@@ -250,15 +274,12 @@ impl Module for GroupNorm {
     /// [B, C, H, W] -> [B, C, H, W]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let xn = normalize_last(
-            &x.reshape((b, self.groups, (c / self.groups) * h * w))?,
-            self.eps,
-        )?
-        .reshape((b, c, h, w))?;
+        let grouped = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
+        let xn = in_f32(&grouped, |g| normalize_last(g, self.eps))?.reshape((b, c, h, w))?;
         match &self.affine {
             Some((wt, bs)) => xn
-                .broadcast_mul(&wt.reshape((1, c, 1, 1))?)?
-                .broadcast_add(&bs.reshape((1, c, 1, 1))?),
+                .broadcast_mul(&cast_like(wt, x)?.reshape((1, c, 1, 1))?)?
+                .broadcast_add(&cast_like(bs, x)?.reshape((1, c, 1, 1))?),
             None => Ok(xn),
         }
     }
@@ -284,8 +305,13 @@ impl Embedding {
 }
 
 /// Softmax over the last axis, from differentiable ops.
+/// One fused op (`kernels::softmax`, whose backward keeps only the output) where the dtype and
+/// device allow, else candle's composition (in float32 for 16-bit inputs).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax(x, D::Minus1)
+    if crate::kernels::softmax::supported(x) {
+        return crate::kernels::softmax::softmax_last_dim(x);
+    }
+    in_f32(x, |x| candle_nn::ops::softmax(x, D::Minus1))
 }
 
 /// softmax(q k^T * scale) v for [B, H, S, Dh] inputs.

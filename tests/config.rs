@@ -202,3 +202,45 @@ fn overrides_apply_over_the_file() {
     };
     assert!(err(QUICKSTART, &bad).contains("max_runtime"));
 }
+
+#[test]
+fn mixed_precision_and_checkpointing_settings_are_checked() {
+    use fluxflow::train::precision::MixedPrecision;
+    let o = Overrides::default();
+    let base = "data: {data_path: unused}\n";
+    // Defaults: no mixed precision, checkpointing on (as the reference's models).
+    let cfg = Config::parse(base, "test.yaml", &o).unwrap();
+    assert_eq!(cfg.step_config().mixed_precision, MixedPrecision::No);
+    assert!(cfg.step_config().checkpointing);
+    let off = format!("{base}model: {{use_gradient_checkpointing: false}}\n");
+    assert!(
+        !Config::parse(&off, "test.yaml", &o)
+            .unwrap()
+            .step_config()
+            .checkpointing
+    );
+    let bf16 = format!("{base}training: {{mixed_precision: bf16, device: cuda}}\n");
+    let cfg = Config::parse(&bf16, "test.yaml", &o);
+    // Without the cuda feature the device is refused later, at parse_device; the setting holds.
+    if let Ok(cfg) = cfg {
+        assert_eq!(cfg.step_config().mixed_precision, MixedPrecision::Bf16);
+    }
+    // bf16 on the CPU, fp16 (also as the reference's use_fp16), f64 masters, unknown values.
+    let cpu = format!("{base}training: {{mixed_precision: bf16}}\n");
+    let e = err(&cpu, &o);
+    assert!(
+        e.contains("training.mixed_precision") && e.contains("CUDA"),
+        "{e}"
+    );
+    let fp16 = format!("{base}training: {{use_fp16: true, device: cuda}}\n");
+    let e = err(&fp16, &o);
+    assert!(e.contains("use_fp16") && e.contains("bf16"), "{e}");
+    let f64m = format!("{base}training: {{mixed_precision: bf16, device: cuda, dtype: f64}}\n");
+    assert!(err(&f64m, &o).contains("training.dtype"));
+    let bad = format!("{base}training: {{mixed_precision: half}}\n");
+    let e = err(&bad, &o);
+    assert!(
+        e.contains("mixed_precision") && e.contains("test.yaml"),
+        "{e}"
+    );
+}

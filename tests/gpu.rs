@@ -11,9 +11,12 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, parity, rel_l2, tiny16, tiny16_settings, tiny16_trainer};
+use common::{
+    assert_close, parity, rel_l2, tiny16, tiny16_settings, tiny16_trainer, tiny16_trainer_lr,
+};
 use fluxflow::checkpoint::load_model;
 use fluxflow::model::{FluxModel, Noise};
+use fluxflow::nn::softmax_last;
 use fluxflow::train::step::{StepMetrics, StepOutcome};
 
 fn gpu() -> Device {
@@ -67,9 +70,9 @@ fn tiny16_forward_fixtures_on_gpu_f32() {
     assert_close("text_out", &text, f("text_out"), tol);
 }
 
-fn three_steps(dev: &Device) -> (Vec<StepMetrics>, HashMap<String, Tensor>) {
-    let fx = fixtures(DType::F32, dev);
-    let model = load(DType::F32, dev);
+fn three_steps(dtype: DType, dev: &Device) -> (Vec<StepMetrics>, HashMap<String, Tensor>) {
+    let fx = fixtures(dtype, dev);
+    let model = load(dtype, dev);
     let mut t = tiny16_trainer(&model);
     let mut metrics = Vec::new();
     for s in 1..=3u64 {
@@ -95,8 +98,8 @@ fn three_steps(dev: &Device) -> (Vec<StepMetrics>, HashMap<String, Tensor>) {
 fn three_training_steps_on_gpu_follow_cpu_f32() {
     let dev = gpu();
     assert!(tiny16_settings()["steps"].as_array().unwrap().len() >= 3);
-    let (cpu, cpu_w) = three_steps(&Device::Cpu);
-    let (gpu, gpu_w) = three_steps(&dev);
+    let (cpu, cpu_w) = three_steps(DType::F32, &Device::Cpu);
+    let (gpu, gpu_w) = three_steps(DType::F32, &dev);
     for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
         for (name, a, b) in [
             ("freq_l1", c.freq_l1, g.freq_l1),
@@ -118,44 +121,46 @@ fn three_training_steps_on_gpu_follow_cpu_f32() {
             );
         }
     }
+    // Weights: within 1e-4 of the CPU's float32 run, except where float32 itself cannot be:
+    // tensors whose gradients are mostly rounding noise (the attention's key bias gets none at
+    // all: softmax ignores a shift shared by a row of scores), which RMSprop scales up to full
+    // steps. There the bound is three times the CPU's own float32-vs-float64 difference.
+    let (_, exact_w) = three_steps(DType::F64, &Device::Cpu);
     assert!(cpu_w.len() > 100);
+    let (mut num, mut den) = (0f64, 0f64);
     for (k, c) in &cpu_w {
         let g = &gpu_w[k];
-        if !k.ends_with("attn.in_proj_bias") {
-            assert_close(k, g, c, 1e-4);
-            continue;
-        }
-        // [q; k; v] biases. Softmax ignores a shift shared by a row of scores, so the key bias
-        // has no gradient: its updates are float32 rounding noise that RMSprop scales up to
-        // step size, different on every device (float64 moves it by ~1e-14, float32 on the CPU
-        // by ~1e-5). Compare q and v; bound the key bias's noise by 1e-4.
-        let d = c.dim(0).unwrap() / 3;
-        for (part, i) in [("q", 0), ("v", 2)] {
-            let name = format!("{k}[{part}]");
-            assert_close(
-                &name,
-                &g.narrow(0, i * d, d).unwrap(),
-                &c.narrow(0, i * d, d).unwrap(),
-                1e-4,
-            );
-        }
-        for t in [c, g] {
-            let kb = t.narrow(0, d, d).unwrap();
-            let norm: f32 = kb
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .sqrt()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert!(
-                norm < 1e-4,
-                "{k}[k]: the key bias moved by {norm} (a real gradient?)"
-            );
-        }
+        let floor = 3.0 * rel_l2(c, &exact_w[k].to_dtype(DType::F32).unwrap());
+        let err = rel_l2(g, c);
+        assert!(
+            err < floor.max(1e-4),
+            "{k}: GPU vs CPU {err:e} (float32 vs float64 on the CPU: {:e})",
+            floor / 3.0
+        );
+        let d: f64 = (g - c)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let n: f64 = c
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        num += d;
+        den += n;
     }
+    let all = (num / den).sqrt();
+    assert!(all < 1e-4, "all weights together: relative L2 {all:e}");
 }
 
 /// Value and gradients of `f(x, w)` against a random cotangent, on `dev` in `dtype`.
@@ -247,5 +252,195 @@ fn cudnn_convolutions_match_cpu() {
             (2, 5, 7, 6),
             (5, 3, k, k),
         );
+    }
+}
+
+#[test]
+fn fused_bezier_kernel_matches_cpu() {
+    use fluxflow::model::{BezierActivation, PreAct};
+    let dev = gpu();
+    let cpu = Device::Cpu;
+    let kinds = [PreAct::Sigmoid, PreAct::Silu, PreAct::Tanh, PreAct::None];
+    for dims in [
+        &[2usize, 10, 7, 9][..],
+        &[1, 5, 1, 1],
+        &[3, 4, 15],
+        &[6, 20],
+    ] {
+        for t_pre in kinds {
+            for p_pre in kinds {
+                let act = BezierActivation::new(t_pre, p_pre);
+                let x = Tensor::randn(0f32, 1.5, dims, &cpu).unwrap();
+                let y = act.forward(&x).unwrap();
+                let r = Tensor::randn(0f32, 1.0, y.dims(), &cpu).unwrap();
+                let grads = |dtype: DType, d: &Device| {
+                    let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(d).unwrap())
+                        .unwrap();
+                    let y = act.forward(xv.as_tensor()).unwrap();
+                    let rr = r.to_dtype(dtype).unwrap().to_device(d).unwrap();
+                    let g = (&y * &rr).unwrap().sum_all().unwrap().backward().unwrap();
+                    let back = |t: &Tensor| {
+                        t.to_dtype(DType::F32)
+                            .unwrap()
+                            .to_device(&Device::Cpu)
+                            .unwrap()
+                    };
+                    (back(&y), back(g.get(xv.as_tensor()).unwrap()))
+                };
+                for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+                    // The CPU op in the same dtype: same inputs, same float32 arithmetic.
+                    let (y0, g0) = grads(dtype, &cpu);
+                    let (y1, g1) = grads(dtype, &dev);
+                    let (ey, eg) = (rel_l2(&y1, &y0), rel_l2(&g1, &g0));
+                    assert!(
+                        ey < tol && eg < tol,
+                        "{dims:?} {t_pre:?}/{p_pre:?} {dtype:?}: value {ey:e}, gradient {eg:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// 50 steps on the fixture image, returning each step's reconstruction loss. `phase1` uses the
+/// Phase 1 loss (KL weight 1e-4, no free bits) instead of tiny16's (KL weight 0.5 with free
+/// bits at 2e-4, where rounding decides which KL elements are clamped and the run forks).
+fn fifty_steps(
+    dev: &Device,
+    mp: fluxflow::train::precision::MixedPrecision,
+    phase1: bool,
+) -> Vec<f64> {
+    let fx = fixtures(DType::F32, dev);
+    let model = load(DType::F32, dev);
+    // 1e-4 (Phase 1 trains at 1e-5): at tiny16's 1e-3, RMSprop's sign-like steps make 50
+    // steps on one image chaotic, so any rounding difference, float32's too, grows.
+    let mut t = tiny16_trainer_lr(&model, Some(1e-4));
+    t.config.mixed_precision = mp;
+    if phase1 {
+        t.config.kl_beta = 1e-4;
+        t.config.kl_free_bits = 0.0;
+    }
+    (1..=50u64)
+        .map(|s| {
+            let noise = Noise::Given(&fx["train.eps.1"]);
+            match t.step(&model, &fx["fixture.image"], noise, s).unwrap() {
+                StepOutcome::Trained(m) => m.recon,
+                StepOutcome::Skipped(why) => panic!("{mp} step {s} skipped: {why}"),
+            }
+        })
+        .collect()
+}
+
+fn worst_gap(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| ((a - b) / a).abs())
+        .fold(0f64, f64::max)
+}
+
+#[test]
+fn bf16_training_follows_f32_for_50_steps() {
+    use fluxflow::train::precision::MixedPrecision;
+    let dev = gpu();
+    // The first step's gradients: bfloat16 rounding, not a different computation.
+    let fx = fixtures(DType::F32, &dev);
+    let model = load(DType::F32, &dev);
+    let grads = |mp: MixedPrecision| {
+        let config = fluxflow::train::step::StepConfig {
+            mixed_precision: mp,
+            ..Default::default()
+        };
+        let noise = Noise::Given(&fx["train.eps.1"]);
+        fluxflow::train::step::loss_gradients(&config, &model, &fx["fixture.image"], noise, 1)
+            .unwrap()
+    };
+    let (g32, g16) = (grads(MixedPrecision::No), grads(MixedPrecision::Bf16));
+    let (mut num, mut den, mut worst) = (0f64, 0f64, Vec::new());
+    for (name, var) in fluxflow::train::step::vae_params(&model) {
+        let (Some(a), Some(b)) = (g16.get(var.as_tensor()), g32.get(var.as_tensor())) else {
+            continue;
+        };
+        let sq = |t: &Tensor| -> f64 {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let (d, n) = (sq(&(a - b).unwrap()), sq(b));
+        num += d;
+        den += n;
+        worst.push(((d / n.max(1e-300)).sqrt(), name));
+    }
+    worst.sort_by(|x, y| y.0.total_cmp(&x.0));
+    let all = (num / den).sqrt();
+    eprintln!(
+        "first-step gradients, bf16 vs f32: all {all:e}; worst {:?}",
+        &worst[..4]
+    );
+    assert!(all < 0.05, "bf16 gradients differ from f32 by {all:e}");
+
+    let tiny = (
+        fifty_steps(&dev, MixedPrecision::No, false),
+        fifty_steps(&dev, MixedPrecision::Bf16, false),
+    );
+    let (f32_loss, bf16_loss) = (
+        fifty_steps(&dev, MixedPrecision::No, true),
+        fifty_steps(&dev, MixedPrecision::Bf16, true),
+    );
+    let worst = worst_gap(&f32_loss, &bf16_loss);
+    eprintln!(
+        "recon loss, Phase 1 loss: f32 {:.5} -> {:.5}, bf16 {:.5} -> {:.5}, worst gap {worst:e}; \
+         tiny16 loss: f32 {:.5} -> {:.5}, bf16 {:.5} -> {:.5}, worst gap {:e}",
+        f32_loss[0],
+        f32_loss[49],
+        bf16_loss[0],
+        bf16_loss[49],
+        tiny.0[0],
+        tiny.0[49],
+        tiny.1[0],
+        tiny.1[49],
+        worst_gap(&tiny.0, &tiny.1)
+    );
+    assert!(
+        f32_loss[49] < f32_loss[0] * 0.5,
+        "the float32 run should learn: {} -> {}",
+        f32_loss[0],
+        f32_loss[49]
+    );
+    // Measured on an H200 (2026-11-27): the losses end 1.5% apart (0.0900 and 0.0914 from
+    // 0.691); step by step the gap peaks at 7.5% during the steep descent, where a small shift
+    // in time is a large relative difference. The end point is what is asserted; the step-wise
+    // gap is printed (see docs/performance.md).
+    let end = ((f32_loss[49] - bf16_loss[49]) / f32_loss[49]).abs();
+    assert!(end < 0.02, "bf16 ends {end:e} away from f32 after 50 steps");
+}
+
+#[test]
+fn fused_softmax_kernel_matches_cpu() {
+    let dev = gpu();
+    let cpu = Device::Cpu;
+    for dims in [&[2usize, 8, 64, 64][..], &[3, 1], &[5, 4097]] {
+        let x = Tensor::randn(0f32, 3.0, dims, &cpu).unwrap();
+        let r = Tensor::randn(0f32, 1.0, dims, &cpu).unwrap();
+        let run = |dtype: DType, d: &Device| {
+            let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(d).unwrap()).unwrap();
+            let y = softmax_last(xv.as_tensor()).unwrap();
+            let rr = r.to_dtype(dtype).unwrap().to_device(d).unwrap();
+            let g = (&y * &rr).unwrap().sum_all().unwrap().backward().unwrap();
+            let back = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();
+            (back(&y), back(g.get(xv.as_tensor()).unwrap()))
+        };
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let ((y0, g0), (y1, g1)) = (run(dtype, &cpu), run(dtype, &dev));
+            let (ey, eg) = (rel_l2(&y1, &y0), rel_l2(&g1, &g0));
+            assert!(
+                ey < tol && eg < tol,
+                "{dims:?} {dtype:?}: value {ey:e}, gradient {eg:e}"
+            );
+        }
     }
 }

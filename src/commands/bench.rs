@@ -14,6 +14,7 @@ use crate::config::{Config, Overrides, QUICKSTART};
 use crate::model::{FluxModel, Noise};
 use crate::train::factory::{optimizer_spec, scheduler_spec};
 use crate::train::optim;
+use crate::train::precision::MixedPrecision;
 use crate::train::schedule::Scheduler;
 use crate::train::step::{vae_params, StepOutcome, VaeTrainer};
 
@@ -67,7 +68,28 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         spec.lr(),
         1000,
     )?;
-    let mut trainer = VaeTrainer::new(cfg.step_config(), &model, opt, sched)?;
+    let mut step_cfg = cfg.step_config();
+    if let Some(c) = args.checkpointing {
+        step_cfg.checkpointing = c == Switch::On;
+    }
+    if let Some(mp) = &args.mixed_precision {
+        step_cfg.mixed_precision = serde_json::from_value(serde_json::json!(mp))
+            .map_err(|_| anyhow::anyhow!("--mixed-precision {mp:?}: use no, bf16 or fp16"))?;
+    }
+    if step_cfg.mixed_precision == MixedPrecision::Fp16 {
+        anyhow::bail!(
+            "--mixed-precision fp16 needs dynamic loss scaling, not supported yet; use bf16"
+        );
+    }
+    if step_cfg.mixed_precision != MixedPrecision::No && !device.is_cuda() {
+        anyhow::bail!("--mixed-precision {}: CUDA only", step_cfg.mixed_precision);
+    }
+    if step_cfg.mixed_precision != MixedPrecision::No && dtype != DType::F32 {
+        anyhow::bail!("mixed precision keeps float32 master weights: use dtype f32");
+    }
+    let checkpointing = step_cfg.checkpointing;
+    let mixed = step_cfg.mixed_precision;
+    let mut trainer = VaeTrainer::new(step_cfg, &model, opt, sched)?;
     let (b, h, w) = (args.batch, args.height, args.width);
     let images = Tensor::rand(-1f32, 1.0, (b, 3, h, w), &device)?.to_dtype(dtype)?;
     let mut rng = StdRng::seed_from_u64(0);
@@ -100,7 +122,8 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             "width": w,
             "height": h,
             "vae_dim": cfg.model.vae_dim,
-            "checkpointing": false,
+            "checkpointing": checkpointing,
+            "mixed_precision": mixed.name(),
             "steps": times.len(),
             "median_step_s": median,
             "min_step_s": times[0],
@@ -118,9 +141,11 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         mem += &format!(", peak GPU memory {g:.0} MiB");
     }
     Ok(format!(
-        "training step, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}: median {median:.3} s \
+        "training step, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}, checkpointing \
+         {}, mixed precision {mixed}: median {median:.3} s \
          (min {:.3}, max {:.3}, {} steps), {:.2} images/s{mem}",
         cfg.model.vae_dim,
+        if checkpointing { "on" } else { "off" },
         times[0],
         times[times.len() - 1],
         times.len(),

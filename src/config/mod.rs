@@ -19,6 +19,7 @@ pub use sections::{
 };
 
 use crate::model::ModelConfig;
+use crate::train::precision::MixedPrecision;
 use crate::train::step::StepConfig;
 
 /// The embedded quickstart configuration (`configs/quickstart.yaml`).
@@ -101,7 +102,6 @@ impl Config {
                 "training.train_diff_full",
                 "flow (diffusion) training",
             ),
-            (t.use_fp16, "training.use_fp16", "fp16 mixed precision"),
             (
                 d.use_webdataset,
                 "data.use_webdataset",
@@ -184,6 +184,28 @@ impl Config {
         if !matches!(t.dtype.as_str(), "f32" | "f64") {
             bail!("training.dtype must be f32 or f64, got {:?}", t.dtype);
         }
+        if t.mixed_precision() != MixedPrecision::No && t.dtype != "f32" {
+            bail!(
+                "training.mixed_precision: {} keeps float32 master weights; set training.dtype \
+                 to f32 (it is {:?})",
+                t.mixed_precision(),
+                t.dtype
+            );
+        }
+        if t.mixed_precision() != MixedPrecision::No && t.device == "cpu" {
+            bail!(
+                "training.mixed_precision: {} runs on CUDA only (candle's CPU backend has no \
+                 16-bit matrix products); set training.device to cuda or mixed_precision to no",
+                t.mixed_precision()
+            );
+        }
+        if t.mixed_precision() == MixedPrecision::Fp16 {
+            bail!(
+                "training.mixed_precision: fp16 (or training.use_fp16: true) needs dynamic loss \
+                 scaling, which fluxflow does not support yet; use bf16 (same speed, no scaling \
+                 needed) or set use_fp16: false"
+            );
+        }
         if d.data_path.is_none() && d.synthetic.is_none() {
             bail!("data.data_path is not set (or pass --data DIR)");
         }
@@ -223,6 +245,8 @@ impl Config {
             adaptive_window: 100,
             ema_decay: t.ema_decay,
             use_spade: t.train_spade,
+            checkpointing: self.model.use_gradient_checkpointing,
+            mixed_precision: t.mixed_precision(),
         }
     }
 

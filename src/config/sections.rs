@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::train::precision::MixedPrecision;
+
 /// `model:`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,6 +27,10 @@ pub struct ModelSection {
     pub flow_layers: usize,
     /// Hidden size of the text backbone (768 for DistilBERT).
     pub text_hidden: usize,
+    /// Gradient checkpointing during training (the reference models' constructor argument,
+    /// on by default there too): recompute the compressor's stages and each expander block in
+    /// the backward pass instead of keeping their intermediates. Same results, less memory.
+    pub use_gradient_checkpointing: bool,
 }
 
 impl Default for ModelSection {
@@ -41,6 +47,7 @@ impl Default for ModelSection {
             flow_heads: 8,
             flow_layers: 10,
             text_hidden: 768,
+            use_gradient_checkpointing: true,
         }
     }
 }
@@ -162,10 +169,25 @@ pub struct TrainingSection {
     pub freq_alpha: f64,
     pub mse_weight: f64,
     pub ema_decay: f64,
-    /// f32 or f64.
+    /// f32 or f64: the dtype of the weights (the master weights under mixed precision).
     pub dtype: String,
+    /// Ours: `no`, `bf16` or `fp16`; activations and convolutions in that 16-bit float, master
+    /// weights, optimizer state, loss and norm statistics in float32. The reference's
+    /// `use_fp16: true` means `fp16`.
+    pub mixed_precision: MixedPrecision,
     /// cpu, cuda or cuda:N.
     pub device: String,
+}
+
+impl TrainingSection {
+    /// `mixed_precision`, with the reference's `use_fp16: true` read as `fp16`.
+    pub fn mixed_precision(&self) -> MixedPrecision {
+        if self.use_fp16 {
+            MixedPrecision::Fp16
+        } else {
+            self.mixed_precision
+        }
+    }
 }
 
 impl Default for TrainingSection {
@@ -199,6 +221,7 @@ impl Default for TrainingSection {
             mse_weight: 0.1,
             ema_decay: 0.999,
             dtype: "f32".into(),
+            mixed_precision: MixedPrecision::No,
             device: "cpu".into(),
         }
     }

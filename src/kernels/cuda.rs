@@ -177,3 +177,56 @@ pub fn bezier_bwd(
         d => candle_core::bail!("{what}: no CUDA kernel for {d:?}"),
     })
 }
+
+/// Softmax over the last axis with candle's CUDA kernel (one warp per row, float32
+/// accumulation for 16-bit inputs).
+pub fn softmax_last_dim(st: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::{kernel_name, kernels};
+    let dev = st.device().clone();
+    let n_cols = l.dims().last().copied().unwrap_or(1).max(1);
+    let el = l.shape().elem_count();
+    let n_rows = el / n_cols;
+    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+        dev: &CudaDevice,
+        x: CudaView<T>,
+        el: usize,
+        n_rows: usize,
+        n_cols: usize,
+    ) -> Result<CudaSlice<T>> {
+        let func = dev.get_or_load_func(&kernel_name::<T>("softmax"), &kernels::REDUCE)?;
+        // SAFETY: the kernel writes every element.
+        let y = unsafe { dev.alloc::<T>(el)? };
+        if el == 0 {
+            return Ok(y);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n_rows as u32, 1, 1),
+            block_dim: (1, 32, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&y);
+        let n = n_cols as i32;
+        b.arg(&n);
+        // SAFETY: the argument list of candle's softmax kernel.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(y)
+    }
+    let what = "softmax";
+    Ok(match st.dtype() {
+        DType::F32 => {
+            let y = go::<f32>(&dev, view(st, l, what)?, el, n_rows, n_cols)?;
+            CudaStorage::wrap_cuda_slice(y, dev)
+        }
+        DType::F64 => {
+            let y = go::<f64>(&dev, view(st, l, what)?, el, n_rows, n_cols)?;
+            CudaStorage::wrap_cuda_slice(y, dev)
+        }
+        DType::BF16 => {
+            let y = go::<bf16>(&dev, view(st, l, what)?, el, n_rows, n_cols)?;
+            CudaStorage::wrap_cuda_slice(y, dev)
+        }
+        d => candle_core::bail!("softmax: no CUDA kernel for {d:?}"),
+    })
+}

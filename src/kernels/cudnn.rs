@@ -9,9 +9,10 @@
 //! - `BackwardFilter`: (x, dy) -> dw
 //!
 //! The algorithm is chosen once per shape, dtype and pass by cuDNN's heuristics (what PyTorch
-//! does with `cudnn.benchmark` off) and cached; the workspace is one buffer per thread, grown to
-//! the largest request and reused, so no call allocates one. An algorithm needing more than
-//! [`WORKSPACE_CAP`] bytes is passed over for the next one the heuristics rank.
+//! does with `cudnn.benchmark` off) and cached. Its workspace comes from the device's memory
+//! pool for the call alone (stream-ordered, so freed as soon as the work is queued; the pool
+//! keeps the memory cached, see `crate::gpu`), bounded by [`WORKSPACE_CAP`]: an algorithm that
+//! needs more, or whose workspace cannot be allocated, is passed over for a leaner one.
 //!
 //! Float32 convolutions use TF32 tensor cores exactly when candle's f32 GEMMs do
 //! (`candle_core::cuda::set_gemm_reduced_precision_f32`), so one switch governs both.
@@ -30,8 +31,10 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId};
 use candle_core::{DType, Layout, Result, Shape, WithDType};
 use half::{bf16, f16};
 
-/// The largest cuDNN workspace one convolution may ask for (bytes).
-pub const WORKSPACE_CAP: usize = 2 << 30;
+/// The largest cuDNN workspace one convolution may ask for (bytes). The heuristics' choice for
+/// the expander's largest layers at 1024x1024 needs 3-6 GiB; the fallbacks without workspace
+/// run several times slower.
+pub const WORKSPACE_CAP: usize = 8 << 30;
 
 /// Which of a convolution's three computations to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,7 +145,6 @@ type PlanKey = (DeviceId, Pass, DType, bool, ConvShape);
 struct ThreadState {
     handles: HashMap<DeviceId, Arc<Cudnn>>,
     plans: HashMap<PlanKey, Plan>,
-    workspaces: HashMap<DeviceId, CudaSlice<u8>>,
 }
 
 // cuDNN handles are neither Send nor Sync: one per thread and device, like candle's own.
@@ -275,6 +277,7 @@ fn plan<T: ConvDType>(
     s: &ConvShape,
     pass: Pass,
     math: sys::cudnnMathType_t,
+    cap: usize,
 ) -> Result<Plan> {
     d.conv.set_math_type(math).map_err(cudnn_err)?;
     let best = match pass {
@@ -307,7 +310,7 @@ fn plan<T: ConvDType>(
     let mut tried = Vec::new();
     for algo in best.ok().into_iter().chain(fallbacks(pass)) {
         match workspace_of(d, algo) {
-            Ok(ws) if ws <= WORKSPACE_CAP => {
+            Ok(ws) if ws <= cap => {
                 if log {
                     eprintln!(
                         "cudnn {pass:?} {:?} x{:?} w{:?} y{:?} p{} s{} d{}: {algo:?}, {ws} B \
@@ -332,7 +335,7 @@ fn plan<T: ConvDType>(
         }
     }
     candle_core::bail!(
-        "cudnn: no {} algorithm for {s:?} runs within a {WORKSPACE_CAP}-byte workspace ({})",
+        "cudnn: no {} algorithm for {s:?} runs within a {cap}-byte workspace ({})",
         d_shape_hint(pass),
         tried.join(", ")
     )
@@ -387,22 +390,22 @@ pub fn run<T: ConvDType>(
         let p = match st.plans.get(&key) {
             Some(p) => *p,
             None => {
-                let p = plan(&mut d, s, pass, math)?;
+                let p = plan(&mut d, s, pass, math, WORKSPACE_CAP)?;
                 st.plans.insert(key, p);
                 p
             }
         };
+        // The workspace for this call; where the memory is not there, the leanest algorithm
+        // from now on for this shape.
+        let (p, mut ws) = match unsafe { dev.alloc::<u8>(p.workspace.max(1)) } {
+            Ok(ws) => (p, ws),
+            Err(_) => {
+                let lean = plan(&mut d, s, pass, math, 0)?;
+                st.plans.insert(key, lean);
+                (lean, unsafe { dev.alloc::<u8>(1)? })
+            }
+        };
         d.conv.set_math_type(p.math).map_err(cudnn_err)?;
-        let grow = st
-            .workspaces
-            .get(&id)
-            .is_none_or(|w| w.len() < p.workspace);
-        if grow {
-            // Stream-ordered: the old buffer is freed after the work queued on it.
-            let ws = unsafe { dev.alloc::<u8>(p.workspace.max(1))? };
-            st.workspaces.insert(id, ws);
-        }
-        let ws = st.workspaces.get_mut(&id).expect("workspace just ensured");
         let mut ws = ws.slice_mut(..p.workspace.max(1));
         let one = T::from_f64(1.0);
         let zero = T::from_f64(0.0);

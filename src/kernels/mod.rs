@@ -9,5 +9,6 @@ pub mod conv;
 mod cuda;
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
+pub mod softmax;
 
 pub use conv::{conv2d, conv_transpose2d};

@@ -135,15 +135,18 @@ impl TrainableBezier {
 
     /// Same shape in and out.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let p: Vec<Tensor> = self
+            .p
+            .iter()
+            .map(|p| crate::nn::cast_like(p, x))
+            .collect::<Result<_>>()?;
         let ps: Vec<Tensor> = if self.channel_only && x.rank() == 4 {
-            self.p
-                .iter()
+            p.iter()
                 .map(|p| p.reshape((1, (), 1, 1)))
                 .collect::<Result<_>>()?
         } else {
             // expand_as: right-aligned broadcast to x's shape.
-            self.p
-                .iter()
+            p.iter()
                 .map(|p| p.broadcast_as(x.shape()))
                 .collect::<Result<_>>()?
         };

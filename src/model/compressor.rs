@@ -6,6 +6,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::bezier::{BezierActivation, TrainableBezier};
 use super::config::ModelConfig;
+use super::recompute::Recompute;
 use crate::nn::{Conv2d, ConvCfg, InitKind, LayerNorm, Linear, MultiheadAttention};
 use crate::params::Pb;
 
@@ -242,10 +243,24 @@ impl FluxCompressor {
 
     /// [B, 3, H, W] -> packed [B, T+1, D], mu and logvar [B, D, H/16, W/16].
     pub fn forward(&self, img: &Tensor, noise: Noise) -> Result<Encoded> {
-        let mut x = add_coord_channels(img)?;
-        for (first, z) in self.encoder_first_step.iter().zip(&self.encoder_z) {
-            x = z.forward(&first.forward(&x)?)?;
-        }
+        self.forward_rc(img, noise, &Recompute::off())
+    }
+
+    /// [`Self::forward`] with the reference's checkpointed blocks (the downsampling stack and
+    /// each attention block) as segments of `rc`.
+    pub fn forward_rc<'a>(
+        &'a self,
+        img: &Tensor,
+        noise: Noise,
+        rc: &Recompute<'a>,
+    ) -> Result<Encoded> {
+        let x = rc.segment(&[img], move |t: &[Tensor]| {
+            let mut x = add_coord_channels(&t[0])?;
+            for (first, z) in self.encoder_first_step.iter().zip(&self.encoder_z) {
+                x = z.forward(&first.forward(&x)?)?;
+            }
+            Ok(x)
+        })?;
         let seq = |stack: &[ConvBezier], x: &Tensor| -> Result<Tensor> {
             stack.iter().try_fold(x.clone(), |x, l| l.forward(&x))
         };
@@ -256,7 +271,10 @@ impl FluxCompressor {
             .forward(&seq(&self.logvar_proj, &latent)?)?;
         let z = match noise {
             Noise::Mean => mu.clone(),
-            Noise::Given(eps) => (&mu + eps.mul(&(&logvar * 0.5)?.exp()?)?)?,
+            Noise::Given(eps) => {
+                let eps = eps.to_dtype(mu.dtype())?;
+                (&mu + eps.mul(&(&logvar * 0.5)?.exp()?)?)?
+            }
             Noise::Sampled(rng) => {
                 let eps = normal_like(&mu, rng)?;
                 (&mu + eps.mul(&(&logvar * 0.5)?.exp()?)?)?
@@ -265,9 +283,12 @@ impl FluxCompressor {
         let (b, d, h, w) = latent.dims4()?;
         let tokens = |t: &Tensor| -> Result<Tensor> { t.flatten_from(2)?.transpose(1, 2) };
         let pe = sincos_2d(h, w, d, z.dtype(), z.device())?;
-        let mut seq_t = tokens(&z)?.broadcast_add(&pe)?.add(&tokens(&latent)?)?;
+        let seq_t = tokens(&z)?.broadcast_add(&pe)?.add(&tokens(&latent)?)?;
+        // One segment per block (the reference checkpoints the stack as one): the backward pass
+        // then holds one block's attention scores at a time.
+        let mut seq_t = seq_t;
         for blk in &self.token_attn {
-            seq_t = blk.forward(&seq_t)?;
+            seq_t = rc.segment(&[&seq_t], move |t: &[Tensor]| blk.forward(&t[0]))?;
         }
         let mut hw = vec![0f64; d];
         hw[0] = h as f64 / self.max_hw as f64;

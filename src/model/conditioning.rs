@@ -4,8 +4,8 @@
 use candle_core::{Module, Result, Tensor, D};
 
 use crate::nn::{
-    attention, merge_heads, resize_bilinear, split_heads, Conv2d, ConvCfg, GroupNorm, InitKind,
-    LayerNorm, Linear,
+    attention, cast_like, merge_heads, resize_bilinear, split_heads, Conv2d, ConvCfg, GroupNorm,
+    InitKind, LayerNorm, Linear,
 };
 use crate::params::{Init, Pb};
 
@@ -81,7 +81,8 @@ impl ContextAttentionMixer {
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, k, d) = x.dims3()?;
         let y = self.norm_in.forward(x)?;
-        let y = Tensor::cat(&[&self.cls.broadcast_as((b, 1, d))?, &y], 1)?;
+        let cls = cast_like(&self.cls, &y)?.broadcast_as((b, 1, d))?;
+        let y = Tensor::cat(&[&cls, &y], 1)?;
         let q = split_heads(&self.q_proj.forward(&y)?, self.heads)?;
         let kk = split_heads(&self.k_proj.forward(&y)?, self.heads)?;
         let v = split_heads(&self.v_proj.forward(&y)?, self.heads)?;

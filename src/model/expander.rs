@@ -7,6 +7,7 @@ use super::bezier::{BezierActivation, TrainableBezier};
 use super::compressor::latent_sizes;
 use super::conditioning::{ContextAttentionMixer, Spade};
 use super::config::ModelConfig;
+use super::recompute::Recompute;
 use crate::nn::{upsample_nearest2x, Conv2d, ConvCfg, ConvTranspose2d, GroupNorm, InitKind};
 use crate::params::Pb;
 
@@ -121,32 +122,58 @@ impl FluxExpander {
 
     /// packed [B, T+1, D] -> [B, 3, H, W]. `use_context` switches SPADE on.
     pub fn forward(&self, packed: &Tensor, use_context: bool) -> Result<Tensor> {
+        self.forward_rc(packed, use_context, &Recompute::off())
+    }
+
+    /// [`Self::forward`] with each upsampling block and the RGB head as segments of `rc`.
+    pub fn forward_rc<'a>(
+        &'a self,
+        packed: &Tensor,
+        use_context: bool,
+        rc: &Recompute<'a>,
+    ) -> Result<Tensor> {
         let (img, sizes) = self.unpack(packed)?;
         let b = sizes.len();
         if sizes.iter().all(|s| *s == sizes[0]) {
-            return self.decode(&img, sizes[0], use_context);
+            return self.decode(&img, sizes[0], use_context, rc);
         }
         let outs = (0..b)
-            .map(|i| self.decode(&img.narrow(0, i, 1)?, sizes[i], use_context))
+            .map(|i| self.decode(&img.narrow(0, i, 1)?, sizes[i], use_context, rc))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&outs, 0)
     }
 
-    fn decode(&self, img: &Tensor, (h, w): (usize, usize), use_context: bool) -> Result<Tensor> {
+    fn decode<'a>(
+        &'a self,
+        img: &Tensor,
+        (h, w): (usize, usize),
+        use_context: bool,
+        rc: &Recompute<'a>,
+    ) -> Result<Tensor> {
         let (b, _, d) = img.dims3()?;
         let feat = img
             .narrow(1, 0, h * w)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, d, h, w))?;
-        let ctx = use_context.then_some(&feat);
         let mut x = feat.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, ctx)?;
+            x = if use_context {
+                rc.segment(&[&x, &feat], move |t: &[Tensor]| {
+                    layer.forward(&t[0], Some(&t[1]))
+                })?
+            } else {
+                rc.segment(&[&x], move |t: &[Tensor]| layer.forward(&t[0], None))?
+            };
         }
+        rc.segment(&[&x], move |t: &[Tensor]| self.to_rgb(&t[0]))
+    }
+
+    /// The RGB head: [B, D, H, W] -> [B, 3, H, W].
+    fn to_rgb(&self, x: &Tensor) -> Result<Tensor> {
         let x = self
             .rgb_norm1
-            .forward(&self.rgb_conv1.forward(&x)?)?
+            .forward(&self.rgb_conv1.forward(x)?)?
             .silu()?;
         let x = self
             .rgb_norm2

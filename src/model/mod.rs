@@ -7,6 +7,7 @@ pub mod conditioning;
 pub mod config;
 pub mod expander;
 pub mod flow;
+pub mod recompute;
 pub mod text;
 
 use candle_core::{DType, Device, Result};
@@ -16,6 +17,7 @@ pub use compressor::{Encoded, FluxCompressor, Noise};
 pub use config::ModelConfig;
 pub use expander::FluxExpander;
 pub use flow::FluxFlowProcessor;
+pub use recompute::Recompute;
 pub use text::TextProjection;
 
 use crate::params::ParamStore;

@@ -7,6 +7,7 @@ pub mod factory;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod precision;
 pub mod run;
 pub mod run_dir;
 pub mod sample;

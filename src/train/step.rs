@@ -14,8 +14,9 @@ use super::adaptive::AdaptiveWeights;
 use super::ema::Ema;
 use super::loss::{frequency_weighted_l1, kl_beta, kl_standard_normal, mse};
 use super::optim::{Optimizer, OptimizerState};
+use super::precision::MixedPrecision;
 use super::schedule::Scheduler;
-use crate::model::{FluxModel, Noise, COMPRESSOR, EXPANDER};
+use crate::model::{FluxModel, Noise, Recompute, COMPRESSOR, EXPANDER};
 
 /// The loss and update settings of a step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +34,18 @@ pub struct StepConfig {
     pub ema_decay: f64,
     /// Decode with SPADE context (`train_spade`).
     pub use_spade: bool,
+    /// Gradient checkpointing (the reference models' `use_gradient_checkpointing`): keep only
+    /// the inputs of the compressor's stages and of each expander block, recompute the rest in
+    /// the backward pass. Changes no result.
+    #[serde(default = "default_checkpointing")]
+    pub checkpointing: bool,
+    /// Activations in a 16-bit float over float32 master weights (`training.mixed_precision`).
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
+}
+
+fn default_checkpointing() -> bool {
+    true
 }
 
 impl Default for StepConfig {
@@ -48,6 +61,8 @@ impl Default for StepConfig {
             adaptive_window: 100,
             ema_decay: 0.999,
             use_spade: true,
+            checkpointing: true,
+            mixed_precision: MixedPrecision::No,
         }
     }
 }
@@ -132,8 +147,9 @@ fn scalar(t: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// The loss terms of one forward pass.
-struct Losses {
+/// The loss terms of one forward pass, and the checkpointed segments to backpropagate through.
+struct Losses<'a> {
+    recompute: Recompute<'a>,
     freq: Tensor,
     mse: Tensor,
     recon_t: Tensor,
@@ -144,21 +160,31 @@ struct Losses {
     clamped: f64,
 }
 
-impl Losses {
+impl<'a> Losses<'a> {
     fn compute(
         c: &StepConfig,
-        model: &FluxModel,
+        model: &'a FluxModel,
         images: &Tensor,
         noise: Noise,
         global_step: u64,
     ) -> Result<Self> {
-        let enc = model.compressor.forward(images, noise)?;
-        let recon_img = model.expander.forward(&enc.packed, c.use_spade)?;
+        let recompute = Recompute::new(c.checkpointing);
+        let master = images.dtype();
+        let compute = c.mixed_precision.compute_dtype(master);
+        let x = images.to_dtype(compute)?;
+        let enc = model.compressor.forward_rc(&x, noise, &recompute)?;
+        let recon_img = model
+            .expander
+            .forward_rc(&enc.packed, c.use_spade, &recompute)?;
+        // The loss in the master dtype (float32 under mixed precision).
+        let recon_img = recon_img.to_dtype(master)?;
         let freq = frequency_weighted_l1(&recon_img, images, c.freq_alpha)?;
         let mse_t = mse(&recon_img, images)?;
         let recon_t = (&freq + (&mse_t * c.mse_weight)?)?;
-        let (kl_t, clamped) = kl_standard_normal(&enc.mu, &enc.logvar, c.kl_free_bits)?;
+        let (mu, logvar) = (enc.mu.to_dtype(master)?, enc.logvar.to_dtype(master)?);
+        let (kl_t, clamped) = kl_standard_normal(&mu, &logvar, c.kl_free_bits)?;
         Ok(Self {
+            recompute,
             recon: scalar(&recon_t)?,
             kl: scalar(&kl_t)?,
             beta: kl_beta(global_step, c.kl_warmup_steps, c.kl_beta),
@@ -173,6 +199,11 @@ impl Losses {
     /// w_recon * recon + w_kl * beta * kl
     fn total(&self, w_recon: f64, w_kl: f64) -> Result<Tensor> {
         Ok(((&self.recon_t * w_recon)? + (&self.kl_t * (w_kl * self.beta))?)?)
+    }
+
+    /// The gradients of `total` through the checkpointed segments.
+    fn backward(&self, total: &Tensor) -> Result<GradStore> {
+        Ok(self.recompute.backward(total)?)
     }
 }
 
@@ -189,7 +220,7 @@ pub fn loss_gradients(
     let mut adaptive = AdaptiveWeights::new(config.adaptive_weights, config.adaptive_window);
     adaptive.record(l.recon, l.kl);
     let (w_recon, w_kl) = adaptive.weights();
-    Ok(l.total(w_recon, w_kl)?.backward()?)
+    l.backward(&l.total(w_recon, w_kl)?)
 }
 
 impl VaeTrainer {
@@ -238,7 +269,7 @@ impl VaeTrainer {
         let (w_recon, w_kl) = adaptive.weights();
         let total_t = l.total(w_recon, w_kl)?;
         let total = scalar(&total_t)?;
-        let mut grads = total_t.backward()?;
+        let mut grads = l.backward(&total_t)?;
         let norm = self.clip(&mut grads)?;
         if !norm.is_finite() || !total.is_finite() {
             self.skipped += 1;

@@ -25,6 +25,14 @@ pub fn tiny16_settings() -> serde_json::Value {
 
 /// A trainer with tiny16.json's Phase 1 training settings for `model`.
 pub fn tiny16_trainer(model: &fluxflow::model::FluxModel) -> fluxflow::train::step::VaeTrainer {
+    tiny16_trainer_lr(model, None)
+}
+
+/// [`tiny16_trainer`] with another base learning rate.
+pub fn tiny16_trainer_lr(
+    model: &fluxflow::model::FluxModel,
+    lr: Option<f64>,
+) -> fluxflow::train::step::VaeTrainer {
     use fluxflow::train::optim::{self, OptimizerSpec, RmsPropConfig};
     use fluxflow::train::schedule::{CosineAnnealingLrConfig, Scheduler, SchedulerSpec};
     use fluxflow::train::step::{vae_params, StepConfig, VaeTrainer};
@@ -41,9 +49,12 @@ pub fn tiny16_trainer(model: &fluxflow::model::FluxModel) -> fluxflow::train::st
         adaptive_window: 100,
         ema_decay: f("ema_decay"),
         use_spade: true,
+        checkpointing: true,
+        mixed_precision: Default::default(),
     };
+    let lr = lr.unwrap_or(f("lr"));
     let spec = OptimizerSpec::RmsProp(RmsPropConfig {
-        lr: f("lr"),
+        lr,
         alpha: f("alpha"),
         momentum: f("momentum"),
         centered: s["centered"].as_bool().unwrap(),
@@ -56,7 +67,7 @@ pub fn tiny16_trainer(model: &fluxflow::model::FluxModel) -> fluxflow::train::st
             eta_min_factor: Some(f("eta_min_factor")),
             ..Default::default()
         }),
-        f("lr"),
+        lr,
         s["total_steps"].as_u64().unwrap(),
     )
     .unwrap();

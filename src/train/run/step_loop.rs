@@ -111,8 +111,18 @@ impl Run {
         ev.log(
             Level::Info,
             &format!(
-                "model: vae_dim {}, {} trainable VAE parameters, {:?} on {:?}",
-                c.model.vae_dim, params, self.dtype, self.device
+                "model: vae_dim {}, {} trainable VAE parameters, {:?} on {:?}, mixed \
+                 precision {}, gradient checkpointing {}",
+                c.model.vae_dim,
+                params,
+                self.dtype,
+                self.device,
+                c.training.mixed_precision(),
+                if c.model.use_gradient_checkpointing {
+                    "on"
+                } else {
+                    "off"
+                }
             ),
         );
         for model in ["vae", "flow", "text_encoder"] {
