@@ -274,6 +274,17 @@ impl Module for GroupNorm {
     /// [B, C, H, W] -> [B, C, H, W]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        if crate::kernels::group_norm::supported(x) {
+            // One fused op (statistics in float32 for 16-bit inputs, float64 for f64).
+            let (gamma, beta) = match &self.affine {
+                Some((wt, bs)) => (cast_like(wt, x)?, cast_like(bs, x)?),
+                None => (
+                    Tensor::ones(c, x.dtype(), x.device())?,
+                    Tensor::zeros(c, x.dtype(), x.device())?,
+                ),
+            };
+            return crate::kernels::group_norm::group_norm(x, self.groups, &gamma, &beta, self.eps);
+        }
         let grouped = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
         let xn = in_f32(&grouped, |g| normalize_last(g, self.eps))?.reshape((b, c, h, w))?;
         match &self.affine {

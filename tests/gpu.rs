@@ -444,3 +444,52 @@ fn fused_softmax_kernel_matches_cpu() {
         }
     }
 }
+
+#[test]
+fn fused_group_norm_kernel_matches_cpu() {
+    use fluxflow::kernels::group_norm::group_norm;
+    let dev = gpu();
+    let cpu = Device::Cpu;
+    for (dims, groups) in [
+        (&[2usize, 96, 33, 17][..], 8),
+        (&[1, 4, 1, 1], 2),
+        (&[2, 128, 64, 64], 32),
+        (&[3, 6, 5], 6),
+    ] {
+        let c = dims[1];
+        let x = (Tensor::randn(0f32, 2.0, dims, &cpu).unwrap() + 0.7).unwrap();
+        let w = Tensor::randn(1f32, 0.3, c, &cpu).unwrap();
+        let b = Tensor::randn(0f32, 0.3, c, &cpu).unwrap();
+        let r = Tensor::randn(0f32, 1.0, dims, &cpu).unwrap();
+        let run = |dtype: DType, d: &Device| {
+            let v = |t: &Tensor| {
+                Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(d).unwrap()).unwrap()
+            };
+            let (xv, wv, bv) = (v(&x), v(&w), v(&b));
+            let y =
+                group_norm(xv.as_tensor(), groups, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
+            let rr = r.to_dtype(dtype).unwrap().to_device(d).unwrap();
+            let g = (&y * &rr).unwrap().sum_all().unwrap().backward().unwrap();
+            let back = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();
+            [
+                back(&y),
+                back(g.get(xv.as_tensor()).unwrap()),
+                back(g.get(wv.as_tensor()).unwrap()),
+                back(g.get(bv.as_tensor()).unwrap()),
+            ]
+        };
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let (want, got) = (run(dtype, &cpu), run(dtype, &dev));
+            for (part, (g, w)) in ["value", "dx", "dgamma", "dbeta"]
+                .iter()
+                .zip(got.iter().zip(&want))
+            {
+                let e = rel_l2(g, w);
+                assert!(
+                    e < tol,
+                    "{dims:?}/{groups} {dtype:?} {part}: relative L2 {e:e}"
+                );
+            }
+        }
+    }
+}

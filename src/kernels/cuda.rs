@@ -230,3 +230,218 @@ pub fn softmax_last_dim(st: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         d => candle_core::bail!("softmax: no CUDA kernel for {d:?}"),
     })
 }
+
+/// Launch shape of the GroupNorm kernels: one grid row per (b, c) plane of `s` elements,
+/// chunks of 256 threads x 16 elements along it.
+fn gn_cfg(planes: usize, s: usize) -> LaunchConfig {
+    const THREADS: u32 = 256;
+    let chunks = s.div_ceil(THREADS as usize * 16).clamp(1, 1024) as u32;
+    LaunchConfig {
+        grid_dim: (planes.max(1) as u32, chunks, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+/// The per-(b, g) row statistics (4 doubles each; the first two filled: sum x and
+/// sum (x - mean)^2) of GroupNorm's input.
+fn gn_stats<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    x: &CudaView<T>,
+    sfx: &str,
+    (b, c, s, groups): (usize, usize, usize, usize),
+) -> Result<CudaSlice<f64>> {
+    let row = dev.alloc_zeros::<f64>(4 * b * groups)?;
+    let func = dev.get_or_load_custom_func(&format!("gn_stats_{sfx}"), MODULE, ptx::FUSED)?;
+    for pass in [0i32, 1] {
+        let mut l = func.builder();
+        let (cc, ss, gg) = (c as u64, s as u64, groups as u64);
+        l.arg(x);
+        l.arg(&row);
+        l.arg(&cc);
+        l.arg(&ss);
+        l.arg(&gg);
+        l.arg(&pass);
+        // SAFETY: argument types and order match gn_stats_* in fused.cu.
+        unsafe { l.launch(gn_cfg(b * c, s)) }.w()?;
+    }
+    Ok(row)
+}
+
+/// GroupNorm's forward pass: y = (x - mean) * rstd * gamma + beta.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_fwd(
+    x: Arg,
+    gamma: Arg,
+    beta: Arg,
+    b: usize,
+    c: usize,
+    s: usize,
+    groups: usize,
+    eps: f64,
+) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    let sfx = suffix(x.0.dtype(), "GroupNorm")?;
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        sfx: &str,
+        (x, w, bb): (CudaView<T>, CudaView<T>, CudaView<T>),
+        geom: (usize, usize, usize, usize),
+        eps: f64,
+    ) -> Result<CudaSlice<T>> {
+        let (b, c, s, groups) = geom;
+        let n = b * c * s;
+        // SAFETY: the forward kernel writes all n elements.
+        let y = unsafe { dev.alloc::<T>(n.max(1))? };
+        if n == 0 {
+            return Ok(y);
+        }
+        let row = gn_stats(dev, &x, sfx, geom)?;
+        let func = dev.get_or_load_custom_func(&format!("gn_fwd_{sfx}"), MODULE, ptx::FUSED)?;
+        let mut l = func.builder();
+        let (cc, ss, gg) = (c as u64, s as u64, groups as u64);
+        l.arg(&x);
+        l.arg(&w);
+        l.arg(&bb);
+        l.arg(&y);
+        l.arg(&row);
+        l.arg(&cc);
+        l.arg(&ss);
+        l.arg(&gg);
+        l.arg(&eps);
+        // SAFETY: argument types and order match gn_fwd_* in fused.cu.
+        unsafe { l.launch(gn_cfg(b * c, s)) }.w()?;
+        Ok(y)
+    }
+    let geom = (b, c, s, groups);
+    let w = "GroupNorm";
+    Ok(match x.0.dtype() {
+        DType::F32 => {
+            let v = (
+                view(x.0, x.1, w)?,
+                view(gamma.0, gamma.1, w)?,
+                view(beta.0, beta.1, w)?,
+            );
+            CudaStorage::wrap_cuda_slice(go::<f32>(&dev, sfx, v, geom, eps)?, dev)
+        }
+        DType::F64 => {
+            let v = (
+                view(x.0, x.1, w)?,
+                view(gamma.0, gamma.1, w)?,
+                view(beta.0, beta.1, w)?,
+            );
+            CudaStorage::wrap_cuda_slice(go::<f64>(&dev, sfx, v, geom, eps)?, dev)
+        }
+        DType::BF16 => {
+            let v = (
+                view(x.0, x.1, w)?,
+                view(gamma.0, gamma.1, w)?,
+                view(beta.0, beta.1, w)?,
+            );
+            CudaStorage::wrap_cuda_slice(go::<bf16>(&dev, sfx, v, geom, eps)?, dev)
+        }
+        d => candle_core::bail!("GroupNorm: no CUDA kernel for {d:?}"),
+    })
+}
+
+/// GroupNorm's backward pass: (x, gamma, dy) -> [dx, dgamma, dbeta] packed.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_bwd(
+    x: Arg,
+    gamma: Arg,
+    dy: Arg,
+    b: usize,
+    c: usize,
+    s: usize,
+    groups: usize,
+    eps: f64,
+) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    let sfx = suffix(x.0.dtype(), "GroupNorm backward")?;
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        sfx: &str,
+        (x, w, d): (CudaView<T>, CudaView<T>, CudaView<T>),
+        geom: (usize, usize, usize, usize),
+        eps: f64,
+    ) -> Result<CudaSlice<T>> {
+        let (b, c, s, groups) = geom;
+        let n = b * c * s;
+        // SAFETY: dx (n elements) and the 2c parameter gradients are all written below.
+        let mut out = unsafe { dev.alloc::<T>(n + 2 * c)? };
+        let row = gn_stats(dev, &x, sfx, geom)?;
+        let chan = dev.alloc_zeros::<f64>(2 * c)?;
+        let (cc, ss, gg) = (c as u64, s as u64, groups as u64);
+        let load =
+            |name: &str| dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, ptx::FUSED);
+        if n > 0 {
+            let func = load("gn_bwd_reduce")?;
+            let mut l = func.builder();
+            l.arg(&x);
+            l.arg(&w);
+            l.arg(&d);
+            l.arg(&row);
+            l.arg(&chan);
+            l.arg(&cc);
+            l.arg(&ss);
+            l.arg(&gg);
+            l.arg(&eps);
+            // SAFETY: argument types and order match gn_bwd_reduce_* in fused.cu.
+            unsafe { l.launch(gn_cfg(b * c, s)) }.w()?;
+            let func = load("gn_bwd_dx")?;
+            let mut dx = out.slice_mut(0..n);
+            let mut l = func.builder();
+            l.arg(&x);
+            l.arg(&w);
+            l.arg(&d);
+            l.arg(&mut dx);
+            l.arg(&row);
+            l.arg(&cc);
+            l.arg(&ss);
+            l.arg(&gg);
+            l.arg(&eps);
+            // SAFETY: argument types and order match gn_bwd_dx_* in fused.cu.
+            unsafe { l.launch(gn_cfg(b * c, s)) }.w()?;
+        }
+        let func = load("gn_bwd_params")?;
+        let mut params = out.slice_mut(n..n + 2 * c);
+        let mut l = func.builder();
+        l.arg(&chan);
+        l.arg(&mut params);
+        l.arg(&cc);
+        // SAFETY: argument types and order match gn_bwd_params_* in fused.cu.
+        unsafe { l.launch(launch_cfg(2 * c)) }.w()?;
+        Ok(out)
+    }
+    let geom = (b, c, s, groups);
+    let w = "GroupNorm backward";
+    Ok(match x.0.dtype() {
+        DType::F32 => {
+            let v = (
+                view(x.0, x.1, w)?,
+                view(gamma.0, gamma.1, w)?,
+                view(dy.0, dy.1, w)?,
+            );
+            CudaStorage::wrap_cuda_slice(go::<f32>(&dev, sfx, v, geom, eps)?, dev)
+        }
+        DType::F64 => {
+            let v = (
+                view(x.0, x.1, w)?,
+                view(gamma.0, gamma.1, w)?,
+                view(dy.0, dy.1, w)?,
+            );
+            CudaStorage::wrap_cuda_slice(go::<f64>(&dev, sfx, v, geom, eps)?, dev)
+        }
+        DType::BF16 => {
+            let v = (
+                view(x.0, x.1, w)?,
+                view(gamma.0, gamma.1, w)?,
+                view(dy.0, dy.1, w)?,
+            );
+            CudaStorage::wrap_cuda_slice(go::<bf16>(&dev, sfx, v, geom, eps)?, dev)
+        }
+        d => candle_core::bail!("GroupNorm backward: no CUDA kernel for {d:?}"),
+    })
+}

@@ -9,6 +9,7 @@ pub mod conv;
 mod cuda;
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
+pub mod group_norm;
 pub mod softmax;
 
 pub use conv::{conv2d, conv_transpose2d};
