@@ -132,6 +132,9 @@ pub struct BenchArgs {
     /// Print the result as one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Time the forward pass alone (encode and decode, no gradients), as `reconstruct` runs.
+    #[arg(long)]
+    pub forward_only: bool,
     /// Gradient checkpointing (default: the configuration's model.use_gradient_checkpointing,
     /// on unless set off, as in the reference).
     #[arg(long, value_enum)]

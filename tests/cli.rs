@@ -208,3 +208,58 @@ fn sampled_reconstructions_follow_the_seed() {
     assert_ne!(a, b, "another seed draws another latent");
     assert_ne!(a, mean, "a sampled latent is not the posterior mean");
 }
+
+#[test]
+fn bench_prints_one_json_line_and_refuses_zero_steps() {
+    let small = [
+        "bench",
+        "--quickstart",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+    ];
+    for extra in [
+        &["--json"][..],
+        &["--json", "--forward-only", "--checkpointing", "on"],
+    ] {
+        let args: Vec<&str> = small.iter().chain(extra).copied().collect();
+        let out = fluxflow(&args);
+        assert!(out.status.success(), "{}", str_of(&out.stderr));
+        let line = str_of(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+        for key in [
+            "median_step_s",
+            "images_per_s",
+            "peak_rss_mb",
+            "device",
+            "dtype",
+            "batch",
+            "width",
+            "height",
+            "checkpointing",
+            "mixed_precision",
+            "forward_only",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing from {line}");
+        }
+        assert_eq!(v["forward_only"], extra.contains(&"--forward-only"));
+        assert!(v["median_step_s"].as_f64().unwrap() > 0.0);
+    }
+    let out = fluxflow(&["bench", "--quickstart", "--steps", "0"]);
+    assert!(!out.status.success());
+    assert!(
+        str_of(&out.stderr).contains("--steps 0"),
+        "{}",
+        str_of(&out.stderr)
+    );
+    let out = fluxflow(&["bench", "--quickstart", "--mixed-precision", "bf16"]);
+    assert!(!out.status.success());
+    assert!(
+        str_of(&out.stderr).contains("CUDA"),
+        "{}",
+        str_of(&out.stderr)
+    );
+}

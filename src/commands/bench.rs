@@ -73,7 +73,8 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         step_cfg.checkpointing = c == Switch::On;
     }
     if let Some(mp) = &args.mixed_precision {
-        step_cfg.mixed_precision = serde_json::from_value(serde_json::json!(mp))
+        step_cfg.mixed_precision = mp
+            .parse()
             .map_err(|_| anyhow::anyhow!("--mixed-precision {mp:?}: use no, bf16 or fp16"))?;
     }
     if step_cfg.mixed_precision == MixedPrecision::Fp16 {
@@ -94,11 +95,23 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     let images = Tensor::rand(-1f32, 1.0, (b, 3, h, w), &device)?.to_dtype(dtype)?;
     let mut rng = StdRng::seed_from_u64(0);
     let mut times = Vec::new();
+    let compute = mixed.compute_dtype(dtype);
     for step in 0..args.steps + 1 {
         let t = Instant::now();
-        let out = trainer.step(&model, &images, Noise::Sampled(&mut rng), step as u64 + 1)?;
-        if let StepOutcome::Skipped(why) = out {
-            anyhow::bail!("the benchmark step was skipped: {why}");
+        if args.forward_only {
+            // What `reconstruct` and the samples run: encode and decode, no gradients.
+            let x = images.to_dtype(compute)?;
+            let enc = model.compressor.forward(&x, Noise::Sampled(&mut rng))?;
+            let out = model
+                .expander
+                .forward(&enc.packed, cfg.training.train_spade)?;
+            // Waits for the device: the value is read back.
+            out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        } else {
+            let out = trainer.step(&model, &images, Noise::Sampled(&mut rng), step as u64 + 1)?;
+            if let StepOutcome::Skipped(why) = out {
+                anyhow::bail!("the benchmark step was skipped: {why}");
+            }
         }
         if step > 0 {
             times.push(t.elapsed().as_secs_f64()); // the first step warms up
@@ -124,6 +137,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             "vae_dim": cfg.model.vae_dim,
             "checkpointing": checkpointing,
             "mixed_precision": mixed.name(),
+            "forward_only": args.forward_only,
             "steps": times.len(),
             "median_step_s": median,
             "min_step_s": times[0],
@@ -141,9 +155,14 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         mem += &format!(", peak GPU memory {g:.0} MiB");
     }
     Ok(format!(
-        "training step, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}, checkpointing \
+        "{}, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}, checkpointing \
          {}, mixed precision {mixed}: median {median:.3} s \
          (min {:.3}, max {:.3}, {} steps), {:.2} images/s{mem}",
+        if args.forward_only {
+            "forward pass"
+        } else {
+            "training step"
+        },
         cfg.model.vae_dim,
         if checkpointing { "on" } else { "off" },
         times[0],
