@@ -493,3 +493,21 @@ fn fused_group_norm_kernel_matches_cpu() {
         }
     }
 }
+
+#[test]
+fn fp16_training_with_loss_scaling_follows_f32_for_50_steps() {
+    use fluxflow::train::precision::MixedPrecision;
+    let dev = gpu();
+    let f32_loss = fifty_steps(&dev, MixedPrecision::No, true);
+    let fp16_loss = fifty_steps(&dev, MixedPrecision::Fp16, true);
+    eprintln!(
+        "recon loss, Phase 1 loss: f32 {:.5} -> {:.5}, fp16 {:.5} -> {:.5}, worst gap {:e}",
+        f32_loss[0],
+        f32_loss[49],
+        fp16_loss[0],
+        fp16_loss[49],
+        worst_gap(&f32_loss, &fp16_loss)
+    );
+    let end = ((f32_loss[49] - fp16_loss[49]) / f32_loss[49]).abs();
+    assert!(end < 0.02, "fp16 ends {end:e} away from f32 after 50 steps");
+}

@@ -77,11 +77,6 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             .parse()
             .map_err(|_| anyhow::anyhow!("--mixed-precision {mp:?}: use no, bf16 or fp16"))?;
     }
-    if step_cfg.mixed_precision == MixedPrecision::Fp16 {
-        anyhow::bail!(
-            "--mixed-precision fp16 needs dynamic loss scaling, not supported yet; use bf16"
-        );
-    }
     if step_cfg.mixed_precision != MixedPrecision::No && !device.is_cuda() {
         anyhow::bail!("--mixed-precision {}: CUDA only", step_cfg.mixed_precision);
     }

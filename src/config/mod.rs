@@ -184,26 +184,24 @@ impl Config {
         if !matches!(t.dtype.as_str(), "f32" | "f64") {
             bail!("training.dtype must be f32 or f64, got {:?}", t.dtype);
         }
+        let mp_key = if t.use_fp16 {
+            "training.use_fp16"
+        } else {
+            "training.mixed_precision"
+        };
         if t.mixed_precision() != MixedPrecision::No && t.dtype != "f32" {
             bail!(
-                "training.mixed_precision: {} keeps float32 master weights; set training.dtype \
-                 to f32 (it is {:?})",
+                "{mp_key}: {} keeps float32 master weights; set training.dtype to f32 (it is \
+                 {:?})",
                 t.mixed_precision(),
                 t.dtype
             );
         }
         if t.mixed_precision() != MixedPrecision::No && t.device == "cpu" {
             bail!(
-                "training.mixed_precision: {} runs on CUDA only (candle's CPU backend has no \
-                 16-bit matrix products); set training.device to cuda or mixed_precision to no",
+                "{mp_key}: {} mixed precision runs on CUDA only; set training.device to cuda, or \
+                 train in float32 on the CPU",
                 t.mixed_precision()
-            );
-        }
-        if t.mixed_precision() == MixedPrecision::Fp16 {
-            bail!(
-                "training.mixed_precision: fp16 (or training.use_fp16: true) needs dynamic loss \
-                 scaling, which fluxflow does not support yet; use bf16 (same speed, no scaling \
-                 needed) or set use_fp16: false"
             );
         }
         if d.data_path.is_none() && d.synthetic.is_none() {

@@ -14,7 +14,7 @@ use super::adaptive::AdaptiveWeights;
 use super::ema::Ema;
 use super::loss::{frequency_weighted_l1, kl_beta, kl_standard_normal, mse};
 use super::optim::{Optimizer, OptimizerState};
-use super::precision::MixedPrecision;
+use super::precision::{LossScaler, MixedPrecision};
 use super::schedule::Scheduler;
 use crate::model::{FluxModel, Noise, Recompute, COMPRESSOR, EXPANDER};
 
@@ -90,8 +90,15 @@ pub struct StepMetrics {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Skip {
     NonFiniteInput,
-    NonFiniteLoss { recon: f64, kl: f64 },
+    NonFiniteLoss {
+        recon: f64,
+        kl: f64,
+    },
     NonFiniteGradient,
+    /// fp16: the scaled gradients overflowed; the loss scale was lowered to `new_scale`.
+    GradientOverflow {
+        new_scale: f64,
+    },
 }
 
 impl std::fmt::Display for Skip {
@@ -102,6 +109,10 @@ impl std::fmt::Display for Skip {
                 write!(f, "NaN/Inf in the loss (recon {recon}, kl {kl})")
             }
             Skip::NonFiniteGradient => write!(f, "NaN/Inf in the gradients"),
+            Skip::GradientOverflow { new_scale } => write!(
+                f,
+                "fp16 gradients overflowed; loss scale lowered to {new_scale}"
+            ),
         }
     }
 }
@@ -121,6 +132,9 @@ pub struct TrainerState {
     pub optimizer: OptimizerState,
     pub scheduler: Scheduler,
     pub skipped: u64,
+    /// fp16's dynamic loss scale (absent otherwise and in states saved before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// Trains the VAE (compressor + expander) of a model.
@@ -132,6 +146,8 @@ pub struct VaeTrainer {
     ema: Ema,
     adaptive: AdaptiveWeights,
     skipped: u64,
+    /// fp16 only.
+    scaler: Option<LossScaler>,
 }
 
 /// The VAE's trainable tensors: every compressor and expander parameter, by name.
@@ -235,6 +251,7 @@ impl VaeTrainer {
         let params = vae_params(model);
         let ema = Ema::new(config.ema_decay, params.clone())?;
         let adaptive = AdaptiveWeights::new(config.adaptive_weights, config.adaptive_window);
+        let scaler = (config.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
         Ok(Self {
             config,
             params,
@@ -243,6 +260,7 @@ impl VaeTrainer {
             ema,
             adaptive,
             skipped: 0,
+            scaler,
         })
     }
 
@@ -269,11 +287,35 @@ impl VaeTrainer {
         let (w_recon, w_kl) = adaptive.weights();
         let total_t = l.total(w_recon, w_kl)?;
         let total = scalar(&total_t)?;
-        let mut grads = l.backward(&total_t)?;
-        let norm = self.clip(&mut grads)?;
+        // fp16: the loss scaled up so small gradients survive float16, unscaled in `clip`.
+        let fp16 = self.config.mixed_precision == MixedPrecision::Fp16;
+        if fp16 && self.scaler.is_none() {
+            self.scaler = Some(LossScaler::default());
+        }
+        let scale = match &self.scaler {
+            Some(s) if fp16 => s.scale,
+            _ => 1.0,
+        };
+        let mut grads = if scale == 1.0 {
+            l.backward(&total_t)?
+        } else {
+            l.backward(&(&total_t * scale)?)?
+        };
+        let norm = self.clip(&mut grads, scale)?;
+        if fp16 && !norm.is_finite() && total.is_finite() {
+            let scaler = self.scaler.as_mut().expect("fp16 has a loss scaler");
+            scaler.update(true);
+            self.skipped += 1;
+            return Ok(StepOutcome::Skipped(Skip::GradientOverflow {
+                new_scale: scaler.scale,
+            }));
+        }
         if !norm.is_finite() || !total.is_finite() {
             self.skipped += 1;
             return Ok(StepOutcome::Skipped(Skip::NonFiniteGradient));
+        }
+        if let Some(scaler) = self.scaler.as_mut().filter(|_| fp16) {
+            scaler.update(false);
         }
         self.adaptive = adaptive;
         self.optimizer.step(&grads).map_err(|e| anyhow!(e))?;
@@ -297,8 +339,10 @@ impl VaeTrainer {
     }
 
     /// torch.nn.utils.clip_grad_norm_ over the VAE parameters that have a gradient: scales
-    /// them by min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping.
-    fn clip(&self, grads: &mut GradStore) -> Result<f64> {
+    /// them by min(1, max_norm / (norm + 1e-6)). Gradients of a loss multiplied by `scale`
+    /// (fp16's loss scaling) are divided by it in the same multiplication. Returns the
+    /// (unscaled) norm before clipping.
+    fn clip(&self, grads: &mut GradStore, scale: f64) -> Result<f64> {
         let squares = self
             .params
             .iter()
@@ -308,12 +352,13 @@ impl VaeTrainer {
         if squares.is_empty() {
             return Ok(0.0);
         }
-        let norm = scalar(&Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?)?;
+        let norm = scalar(&Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?)? / scale;
         let coef = self.config.clip_norm / (norm + 1e-6);
-        if coef < 1.0 && norm.is_finite() {
+        let factor = coef.min(1.0) / scale;
+        if factor != 1.0 && norm.is_finite() {
             for (_, v) in &self.params {
                 if let Some(g) = grads.remove(v.as_tensor()) {
-                    grads.insert(v.as_tensor(), (g * coef)?);
+                    grads.insert(v.as_tensor(), (g * factor)?);
                 }
             }
         }
@@ -342,6 +387,7 @@ impl VaeTrainer {
             optimizer: self.optimizer.scalar_state(),
             scheduler: self.scheduler.clone(),
             skipped: self.skipped,
+            loss_scaler: self.scaler.clone(),
         }
     }
 
@@ -386,6 +432,9 @@ impl VaeTrainer {
         self.adaptive = state.adaptive.clone();
         self.scheduler = state.scheduler.clone();
         self.skipped = state.skipped;
+        if state.loss_scaler.is_some() {
+            self.scaler = state.loss_scaler.clone();
+        }
         Ok(())
     }
 }
