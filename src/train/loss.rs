@@ -1,7 +1,7 @@
 //! The Phase 1 losses of fluxflow-training's `VAETrainer` (`_frequency_weighted_loss`,
 //! `kl_standard_normal`) and `cosine_anneal_beta`.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// F.avg_pool2d(x, 3, stride=1, padding=1) with zero padding counted (divide by 9 always).
 /// [B, C, H, W] -> [B, C, H, W]
@@ -33,21 +33,21 @@ pub fn frequency_weighted_l1(pred: &Tensor, target: &Tensor, alpha: f64) -> Resu
 /// KL to N(0, 1) per element, `-0.5 (1 + logvar - mu^2 - exp(logvar))`, clamped below at
 /// `free_bits` when it is positive (the clamped elements carry no gradient, as torch.clamp),
 /// summed over C, H, W and averaged over the batch. Also returns the fraction of clamped
-/// elements.
-pub fn kl_standard_normal(mu: &Tensor, logvar: &Tensor, free_bits: f64) -> Result<(Tensor, f64)> {
+/// elements, as a float64 scalar on the device (read back with the step's other scalars).
+pub fn kl_standard_normal(
+    mu: &Tensor,
+    logvar: &Tensor,
+    free_bits: f64,
+) -> Result<(Tensor, Tensor)> {
     let inner = ((logvar + 1.0)? - mu.sqr()?)?.sub(&logvar.exp()?)?;
     let kl = (inner * -0.5)?;
     let (kl, fraction) = if free_bits > 0.0 {
         let floor = Tensor::full(free_bits, kl.shape(), kl.device())?.to_dtype(kl.dtype())?;
         let keep = kl.ge(&floor)?;
-        let kept: f64 = keep
-            .to_dtype(candle_core::DType::F64)?
-            .mean_all()?
-            .to_device(&Device::Cpu)?
-            .to_scalar()?;
-        (keep.where_cond(&kl, &floor)?, 1.0 - kept)
+        let kept = keep.to_dtype(candle_core::DType::F64)?.mean_all()?;
+        (keep.where_cond(&kl, &floor)?, kept.affine(-1.0, 1.0)?)
     } else {
-        (kl, 0.0)
+        (kl, Tensor::new(0f64, mu.device())?)
     };
     let b = kl.dim(0)?;
     let mean = (kl.flatten_from(1)?.sum(1)?.sum_all()? / b as f64)?;
@@ -78,7 +78,12 @@ mod tests {
 
     #[test]
     fn box_blur_counts_zero_padding() {
-        let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F64, &Device::Cpu).unwrap();
+        let x = Tensor::ones(
+            (1, 1, 3, 3),
+            candle_core::DType::F64,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let y: Vec<Vec<f64>> = box_blur3(&x)
             .unwrap()
             .squeeze(0)

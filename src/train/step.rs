@@ -157,23 +157,17 @@ pub fn vae_params(model: &FluxModel) -> Vec<(String, Var)> {
     p
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?
-        .to_device(&Device::Cpu)?
-        .to_scalar::<f64>()?)
-}
-
-/// The loss terms of one forward pass, and the checkpointed segments to backpropagate through.
+/// The loss terms of one forward pass (device tensors: nothing is read back here), and the
+/// checkpointed segments to backpropagate through.
 struct Losses<'a> {
     recompute: Recompute<'a>,
     freq: Tensor,
     mse: Tensor,
     recon_t: Tensor,
     kl_t: Tensor,
-    recon: f64,
-    kl: f64,
+    /// Fraction of clamped KL elements (float64).
+    clamped: Tensor,
     beta: f64,
-    clamped: f64,
 }
 
 impl<'a> Losses<'a> {
@@ -201,8 +195,6 @@ impl<'a> Losses<'a> {
         let (kl_t, clamped) = kl_standard_normal(&mu, &logvar, c.kl_free_bits)?;
         Ok(Self {
             recompute,
-            recon: scalar(&recon_t)?,
-            kl: scalar(&kl_t)?,
             beta: kl_beta(global_step, c.kl_warmup_steps, c.kl_beta),
             freq,
             mse: mse_t,
@@ -212,9 +204,13 @@ impl<'a> Losses<'a> {
         })
     }
 
-    /// w_recon * recon + w_kl * beta * kl
-    fn total(&self, w_recon: f64, w_kl: f64) -> Result<Tensor> {
-        Ok(((&self.recon_t * w_recon)? + (&self.kl_t * (w_kl * self.beta))?)?)
+    /// w_recon * recon + w_kl * beta * kl, with the weights as float64 device scalars (rounded
+    /// to the loss's dtype as a host scalar would be).
+    fn total(&self, w_recon: &Tensor, w_kl: &Tensor) -> Result<Tensor> {
+        let dtype = self.recon_t.dtype();
+        let wr = w_recon.to_dtype(dtype)?;
+        let wk = (w_kl * self.beta)?.to_dtype(dtype)?;
+        Ok((self.recon_t.broadcast_mul(&wr)? + self.kl_t.broadcast_mul(&wk)?)?)
     }
 
     /// The gradients of `total` through the checkpointed segments.
@@ -233,10 +229,23 @@ pub fn loss_gradients(
     global_step: u64,
 ) -> Result<GradStore> {
     let l = Losses::compute(config, model, images, noise, global_step)?;
-    let mut adaptive = AdaptiveWeights::new(config.adaptive_weights, config.adaptive_window);
-    adaptive.record(l.recon, l.kl);
-    let (w_recon, w_kl) = adaptive.weights();
-    l.backward(&l.total(w_recon, w_kl)?)
+    let adaptive = AdaptiveWeights::new(config.adaptive_weights, config.adaptive_window);
+    let (w_recon, w_kl) = adaptive.weights_with(&l.recon_t, &l.kl_t)?;
+    l.backward(&l.total(&w_recon, &w_kl)?)
+}
+
+/// The scalars a step reads back from the device, all at once.
+struct StepScalars {
+    image_max: f64,
+    recon: f64,
+    kl: f64,
+    total: f64,
+    grad_norm: f64,
+    freq: f64,
+    mse: f64,
+    clamped: f64,
+    w_recon: f64,
+    w_kl: f64,
 }
 
 impl VaeTrainer {
@@ -265,6 +274,12 @@ impl VaeTrainer {
     }
 
     /// One step on `images` ([B, 3, H, W] in [-1, 1]) at `global_step` (1 for the first).
+    ///
+    /// The device is synchronised once: the forward pass, the adaptive weights (computed on
+    /// the device from the host's history), the backward pass and the gradient norm are queued
+    /// without reading anything back; then every scalar the step needs (input check, losses,
+    /// norm, metrics) comes back in one transfer, and the host decides: skip, or clip and
+    /// update.
     pub fn step(
         &mut self,
         model: &FluxModel,
@@ -272,21 +287,9 @@ impl VaeTrainer {
         noise: Noise,
         global_step: u64,
     ) -> Result<StepOutcome> {
-        if !scalar(&images.abs()?.max_all()?)?.is_finite() {
-            self.skipped += 1;
-            return Ok(StepOutcome::Skipped(Skip::NonFiniteInput));
-        }
         let l = Losses::compute(&self.config, model, images, noise, global_step)?;
-        let (recon, kl, beta) = (l.recon, l.kl, l.beta);
-        if !recon.is_finite() || !kl.is_finite() {
-            self.skipped += 1;
-            return Ok(StepOutcome::Skipped(Skip::NonFiniteLoss { recon, kl }));
-        }
-        let mut adaptive = self.adaptive.clone();
-        adaptive.record(recon, kl);
-        let (w_recon, w_kl) = adaptive.weights();
-        let total_t = l.total(w_recon, w_kl)?;
-        let total = scalar(&total_t)?;
+        let (w_recon_t, w_kl_t) = self.adaptive.weights_with(&l.recon_t, &l.kl_t)?;
+        let total_t = l.total(&w_recon_t, &w_kl_t)?;
         // fp16: the loss scaled up so small gradients survive float16, unscaled in `clip`.
         let fp16 = self.config.mixed_precision == MixedPrecision::Fp16;
         if fp16 && self.scaler.is_none() {
@@ -301,8 +304,18 @@ impl VaeTrainer {
         } else {
             l.backward(&(&total_t * scale)?)?
         };
-        let norm = self.clip(&mut grads, scale)?;
-        if fp16 && !norm.is_finite() && total.is_finite() {
+        let s = self.read_back(images, &l, &total_t, &grads, &w_recon_t, &w_kl_t)?;
+        if !s.image_max.is_finite() {
+            self.skipped += 1;
+            return Ok(StepOutcome::Skipped(Skip::NonFiniteInput));
+        }
+        let (recon, kl) = (s.recon, s.kl);
+        if !recon.is_finite() || !kl.is_finite() {
+            self.skipped += 1;
+            return Ok(StepOutcome::Skipped(Skip::NonFiniteLoss { recon, kl }));
+        }
+        let norm = s.grad_norm / scale;
+        if fp16 && !norm.is_finite() && s.total.is_finite() {
             let scaler = self.scaler.as_mut().expect("fp16 has a loss scaler");
             scaler.update(true);
             self.skipped += 1;
@@ -310,49 +323,94 @@ impl VaeTrainer {
                 new_scale: scaler.scale,
             }));
         }
-        if !norm.is_finite() || !total.is_finite() {
+        if !norm.is_finite() || !s.total.is_finite() {
             self.skipped += 1;
             return Ok(StepOutcome::Skipped(Skip::NonFiniteGradient));
         }
+        self.clip(&mut grads, norm, scale)?;
         if let Some(scaler) = self.scaler.as_mut().filter(|_| fp16) {
             scaler.update(false);
         }
-        self.adaptive = adaptive;
+        self.adaptive.record(recon, kl);
         self.optimizer.step(&grads).map_err(|e| anyhow!(e))?;
         self.ema.update()?;
         self.scheduler.step(Some(recon)).map_err(|e| anyhow!(e))?;
         let lr = self.scheduler.lr();
         self.optimizer.set_lr(lr);
         Ok(StepOutcome::Trained(StepMetrics {
-            freq_l1: scalar(&l.freq)?,
-            mse: scalar(&l.mse)?,
+            freq_l1: s.freq,
+            mse: s.mse,
             recon,
             kl,
-            kl_beta: beta,
-            w_recon,
-            w_kl,
-            total,
+            kl_beta: l.beta,
+            w_recon: s.w_recon,
+            w_kl: s.w_kl,
+            total: s.total,
             grad_norm_before_clip: norm,
             lr_after: lr,
-            kl_clamped_fraction: l.clamped,
+            kl_clamped_fraction: s.clamped,
         }))
     }
 
-    /// torch.nn.utils.clip_grad_norm_ over the VAE parameters that have a gradient: scales
-    /// them by min(1, max_norm / (norm + 1e-6)). Gradients of a loss multiplied by `scale`
-    /// (fp16's loss scaling) are divided by it in the same multiplication. Returns the
-    /// (unscaled) norm before clipping.
-    fn clip(&self, grads: &mut GradStore, scale: f64) -> Result<f64> {
+    /// Every scalar of the step in one device-to-host transfer. The gradient norm is of the
+    /// gradients as computed (times the loss scale under fp16); NaN/Inf anywhere come back as
+    /// such for the caller to act on.
+    fn read_back(
+        &self,
+        images: &Tensor,
+        l: &Losses,
+        total: &Tensor,
+        grads: &GradStore,
+        w_recon: &Tensor,
+        w_kl: &Tensor,
+    ) -> Result<StepScalars> {
+        let f64s =
+            |t: &Tensor| -> candle_core::Result<Tensor> { t.to_dtype(DType::F64)?.reshape(()) };
         let squares = self
             .params
             .iter()
             .filter_map(|(_, v)| grads.get(v.as_tensor()))
             .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        if squares.is_empty() {
-            return Ok(0.0);
-        }
-        let norm = scalar(&Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?)? / scale;
+        let norm = if squares.is_empty() {
+            Tensor::new(0f64, images.device())?
+        } else {
+            Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?
+        };
+        let all = [
+            f64s(&images.abs()?.max_all()?)?,
+            f64s(&l.recon_t)?,
+            f64s(&l.kl_t)?,
+            f64s(total)?,
+            norm,
+            f64s(&l.freq)?,
+            f64s(&l.mse)?,
+            f64s(&l.clamped)?,
+            f64s(w_recon)?,
+            f64s(w_kl)?,
+        ];
+        let v = Tensor::stack(&all, 0)?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f64>()?;
+        Ok(StepScalars {
+            image_max: v[0],
+            recon: v[1],
+            kl: v[2],
+            total: v[3],
+            grad_norm: v[4],
+            freq: v[5],
+            mse: v[6],
+            clamped: v[7],
+            w_recon: v[8],
+            w_kl: v[9],
+        })
+    }
+
+    /// torch.nn.utils.clip_grad_norm_ over the VAE parameters that have a gradient, given
+    /// their (unscaled) norm: scales them by min(1, max_norm / (norm + 1e-6)). Gradients of a
+    /// loss multiplied by `scale` (fp16's loss scaling) are divided by it in the same
+    /// multiplication.
+    fn clip(&self, grads: &mut GradStore, norm: f64, scale: f64) -> Result<()> {
         let coef = self.config.clip_norm / (norm + 1e-6);
         let factor = coef.min(1.0) / scale;
         if factor != 1.0 && norm.is_finite() {
@@ -362,7 +420,7 @@ impl VaeTrainer {
                 }
             }
         }
-        Ok(norm)
+        Ok(())
     }
 
     /// Batches skipped for NaN/Inf so far.
