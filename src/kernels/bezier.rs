@@ -7,7 +7,9 @@
 //! the two agree to the last bits. CPU loops run in parallel over groups; CUDA (`cuda` feature)
 //! runs `src/kernels/cuda/fused.cu`. Arithmetic in f32 for f32/bf16, f64 for f64.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::contiguous;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -177,13 +179,6 @@ fn bwd_cpu<T: Copy + Send + Sync, A: Real>(
     dx
 }
 
-fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: input must be contiguous"),
-    }
-}
-
 /// The fused forward pass: x [.., 5 per group, S] -> y [G, S] with `out` as its shape.
 #[derive(Debug, Clone)]
 struct BezierOp {
@@ -307,8 +302,7 @@ impl CustomOp2 for BezierBwdOp {
 
 /// Whether the fused op handles `x`'s dtype and device.
 pub fn supported(x: &Tensor) -> bool {
-    let dtype = matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16);
-    dtype && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
+    super::fused_supported(x)
 }
 
 /// The Bezier activation of `x` grouped as [G, 5, S] (contiguous order), giving `out`
@@ -331,15 +325,9 @@ pub fn bezier(x: &Tensor, t_pre: PreAct, p_pre: PreAct, s: usize, out: Shape) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::{check_finite_differences, rel_l2 as rel};
     use crate::model::BezierActivation;
-    use candle_core::{Device, Var};
-
-    fn rel(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
-        let n = b.sqr().unwrap().sum_all().unwrap();
-        let (d, n): (f64, f64) = (d.to_scalar().unwrap(), n.to_scalar().unwrap());
-        (d / n.max(1e-300)).sqrt()
-    }
+    use candle_core::{DType, Device, Var};
 
     const KINDS: [PreAct; 4] = [PreAct::Sigmoid, PreAct::Silu, PreAct::Tanh, PreAct::None];
 
@@ -391,43 +379,11 @@ mod tests {
             let act = BezierActivation::new(t_pre, p_pre);
             let x = Var::randn(0f64, 1.0, (1, 10, 2, 3), &dev).unwrap();
             let r = Tensor::randn(0f64, 1.0, (1, 2, 2, 3), &dev).unwrap();
-            let f = |x: &Tensor| -> f64 {
-                let y = act.forward(x).unwrap();
-                (&y * &r).unwrap().sum_all().unwrap().to_scalar().unwrap()
-            };
-            let g = (&act.forward(x.as_tensor()).unwrap() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g = g
-                .get(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let base = x
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let h = 1e-6;
-            for i in 0..base.len() {
-                let mut plus = base.clone();
-                plus[i] += h;
-                let mut minus = base.clone();
-                minus[i] -= h;
-                let at = |v: Vec<f64>| Tensor::from_vec(v, x.dims(), &dev).unwrap();
-                let fd = (f(&at(plus)) - f(&at(minus))) / (2.0 * h);
-                assert!(
-                    (fd - g[i]).abs() < 1e-7 * (1.0 + fd.abs()),
-                    "{t_pre:?}/{p_pre:?} element {i}: analytic {} numeric {fd}",
-                    g[i]
-                );
-            }
+            let loss = |x: &Tensor| (&act.forward(x).unwrap() * &r).unwrap().sum_all().unwrap();
+            let f = |x: &Tensor| -> f64 { loss(x).to_scalar().unwrap() };
+            let g = loss(x.as_tensor()).backward().unwrap();
+            let what = format!("{t_pre:?}/{p_pre:?}");
+            check_finite_differences(&f, x.as_tensor(), g.get(&x).unwrap(), 1e-7, &what);
         }
     }
 

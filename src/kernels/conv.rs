@@ -11,6 +11,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous;
+
 /// Geometry of a (transposed) convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Geometry {
@@ -24,13 +26,6 @@ struct Geometry {
 
 /// Elements of the column buffer per GEMM, to bound memory on large layers.
 const COLS_BUDGET: usize = 1 << 24;
-
-fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: input must be contiguous"),
-    }
-}
 
 /// The transposed convolution of `x` [B, Ci, H, W] by `w` [Ci, Co, K, K] on the CPU.
 fn conv_transpose_cpu<T>(

@@ -42,6 +42,28 @@ fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
     })
 }
 
+/// Runs `$body` with `$t` the element type of `$dtype` (f32, f64 or bf16) and wraps the slice
+/// it returns as a storage on `$dev`.
+macro_rules! by_dtype {
+    ($dtype:expr, $what:expr, $dev:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                CudaStorage::wrap_cuda_slice($body, $dev)
+            }
+            DType::F64 => {
+                type $t = f64;
+                CudaStorage::wrap_cuda_slice($body, $dev)
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                CudaStorage::wrap_cuda_slice($body, $dev)
+            }
+            d => candle_core::bail!("{}: no CUDA kernel for {d:?}", $what),
+        }
+    };
+}
+
 /// The fused Bezier activation's forward pass: x [G, 5, S] -> y [G, S].
 pub fn bezier_fwd(st: &CudaStorage, l: &Layout, s: usize, tk: i32, pk: i32) -> Result<CudaStorage> {
     let dev = st.device().clone();
@@ -74,21 +96,9 @@ pub fn bezier_fwd(st: &CudaStorage, l: &Layout, s: usize, tk: i32, pk: i32) -> R
     }
     let args = (groups, s as u64, tk, pk);
     let what = "Bezier activation";
-    Ok(match st.dtype() {
-        DType::F32 => {
-            let y = go::<f32>(&dev, &name, view(st, l, what)?, n, args)?;
-            CudaStorage::wrap_cuda_slice(y, dev)
-        }
-        DType::F64 => {
-            let y = go::<f64>(&dev, &name, view(st, l, what)?, n, args)?;
-            CudaStorage::wrap_cuda_slice(y, dev)
-        }
-        DType::BF16 => {
-            let y = go::<bf16>(&dev, &name, view(st, l, what)?, n, args)?;
-            CudaStorage::wrap_cuda_slice(y, dev)
-        }
-        d => candle_core::bail!("{what}: no CUDA kernel for {d:?}"),
-    })
+    Ok(by_dtype!(st.dtype(), what, dev, |T| {
+        go::<T>(&dev, &name, view(st, l, what)?, n, args)?
+    }))
 }
 
 /// The fused Bezier activation's backward pass: (x [G, 5, S], dy [G, S]) -> dx [G, 5, S].
@@ -140,42 +150,16 @@ pub fn bezier_bwd(
     }
     let args = (groups, s as u64, tk, pk);
     let what = "Bezier backward";
-    Ok(match x.dtype() {
-        DType::F32 => {
-            let v = go::<f32>(
-                &dev,
-                &name,
-                view(x, lx, what)?,
-                view(dy, ldy, what)?,
-                n,
-                args,
-            )?;
-            CudaStorage::wrap_cuda_slice(v, dev)
-        }
-        DType::F64 => {
-            let v = go::<f64>(
-                &dev,
-                &name,
-                view(x, lx, what)?,
-                view(dy, ldy, what)?,
-                n,
-                args,
-            )?;
-            CudaStorage::wrap_cuda_slice(v, dev)
-        }
-        DType::BF16 => {
-            let v = go::<bf16>(
-                &dev,
-                &name,
-                view(x, lx, what)?,
-                view(dy, ldy, what)?,
-                n,
-                args,
-            )?;
-            CudaStorage::wrap_cuda_slice(v, dev)
-        }
-        d => candle_core::bail!("{what}: no CUDA kernel for {d:?}"),
-    })
+    Ok(by_dtype!(x.dtype(), what, dev, |T| {
+        go::<T>(
+            &dev,
+            &name,
+            view(x, lx, what)?,
+            view(dy, ldy, what)?,
+            n,
+            args,
+        )?
+    }))
 }
 
 /// Softmax over the last axis with candle's CUDA kernel (one warp per row, float32
@@ -214,21 +198,9 @@ pub fn softmax_last_dim(st: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         Ok(y)
     }
     let what = "softmax";
-    Ok(match st.dtype() {
-        DType::F32 => {
-            let y = go::<f32>(&dev, view(st, l, what)?, el, n_rows, n_cols)?;
-            CudaStorage::wrap_cuda_slice(y, dev)
-        }
-        DType::F64 => {
-            let y = go::<f64>(&dev, view(st, l, what)?, el, n_rows, n_cols)?;
-            CudaStorage::wrap_cuda_slice(y, dev)
-        }
-        DType::BF16 => {
-            let y = go::<bf16>(&dev, view(st, l, what)?, el, n_rows, n_cols)?;
-            CudaStorage::wrap_cuda_slice(y, dev)
-        }
-        d => candle_core::bail!("softmax: no CUDA kernel for {d:?}"),
-    })
+    Ok(by_dtype!(st.dtype(), "softmax", dev, |T| {
+        go::<T>(&dev, view(st, l, what)?, el, n_rows, n_cols)?
+    }))
 }
 
 /// Launch shape of the GroupNorm kernels: one grid row per (b, c) plane of `s` elements,
@@ -317,33 +289,14 @@ pub fn group_norm_fwd(
     }
     let geom = (b, c, s, groups);
     let w = "GroupNorm";
-    Ok(match x.0.dtype() {
-        DType::F32 => {
-            let v = (
-                view(x.0, x.1, w)?,
-                view(gamma.0, gamma.1, w)?,
-                view(beta.0, beta.1, w)?,
-            );
-            CudaStorage::wrap_cuda_slice(go::<f32>(&dev, sfx, v, geom, eps)?, dev)
-        }
-        DType::F64 => {
-            let v = (
-                view(x.0, x.1, w)?,
-                view(gamma.0, gamma.1, w)?,
-                view(beta.0, beta.1, w)?,
-            );
-            CudaStorage::wrap_cuda_slice(go::<f64>(&dev, sfx, v, geom, eps)?, dev)
-        }
-        DType::BF16 => {
-            let v = (
-                view(x.0, x.1, w)?,
-                view(gamma.0, gamma.1, w)?,
-                view(beta.0, beta.1, w)?,
-            );
-            CudaStorage::wrap_cuda_slice(go::<bf16>(&dev, sfx, v, geom, eps)?, dev)
-        }
-        d => candle_core::bail!("GroupNorm: no CUDA kernel for {d:?}"),
-    })
+    Ok(by_dtype!(x.0.dtype(), "GroupNorm", dev, |T| {
+        let v = (
+            view(x.0, x.1, w)?,
+            view(gamma.0, gamma.1, w)?,
+            view(beta.0, beta.1, w)?,
+        );
+        go::<T>(&dev, sfx, v, geom, eps)?
+    }))
 }
 
 /// GroupNorm's backward pass: (x, gamma, dy) -> [dx, dgamma, dbeta] packed.
@@ -417,31 +370,12 @@ pub fn group_norm_bwd(
     }
     let geom = (b, c, s, groups);
     let w = "GroupNorm backward";
-    Ok(match x.0.dtype() {
-        DType::F32 => {
-            let v = (
-                view(x.0, x.1, w)?,
-                view(gamma.0, gamma.1, w)?,
-                view(dy.0, dy.1, w)?,
-            );
-            CudaStorage::wrap_cuda_slice(go::<f32>(&dev, sfx, v, geom, eps)?, dev)
-        }
-        DType::F64 => {
-            let v = (
-                view(x.0, x.1, w)?,
-                view(gamma.0, gamma.1, w)?,
-                view(dy.0, dy.1, w)?,
-            );
-            CudaStorage::wrap_cuda_slice(go::<f64>(&dev, sfx, v, geom, eps)?, dev)
-        }
-        DType::BF16 => {
-            let v = (
-                view(x.0, x.1, w)?,
-                view(gamma.0, gamma.1, w)?,
-                view(dy.0, dy.1, w)?,
-            );
-            CudaStorage::wrap_cuda_slice(go::<bf16>(&dev, sfx, v, geom, eps)?, dev)
-        }
-        d => candle_core::bail!("GroupNorm backward: no CUDA kernel for {d:?}"),
-    })
+    Ok(by_dtype!(x.0.dtype(), "GroupNorm backward", dev, |T| {
+        let v = (
+            view(x.0, x.1, w)?,
+            view(gamma.0, gamma.1, w)?,
+            view(dy.0, dy.1, w)?,
+        );
+        go::<T>(&dev, sfx, v, geom, eps)?
+    }))
 }

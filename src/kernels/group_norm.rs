@@ -11,9 +11,11 @@
 //! block reductions over each channel plane with float64 atomics per row and channel; its
 //! temporary buffers are 4 x B*G + 2 x C doubles.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
+
+use super::contiguous;
 
 /// Geometry: x is [B, C, S] with `groups` groups of C / groups channels.
 #[derive(Debug, Clone, Copy)]
@@ -131,13 +133,6 @@ fn bwd_cpu<T: Copy + Send + Sync>(
     out
 }
 
-fn slice<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: input must be contiguous"),
-    }
-}
-
 struct GroupNormOp(Geom);
 
 impl CustomOp3 for GroupNormOp {
@@ -158,27 +153,27 @@ impl CustomOp3 for GroupNormOp {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 let (x, w, b) = (
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(b, l3, name)?,
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(b, l3, name)?,
                 );
                 g.check(x.len(), w.len(), name)?;
                 CpuStorage::F32(fwd_cpu(x, w, b, g, |v| v as f64, |v| v as f32, true))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 let (x, w, b) = (
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(b, l3, name)?,
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(b, l3, name)?,
                 );
                 g.check(x.len(), w.len(), name)?;
                 CpuStorage::F64(fwd_cpu(x, w, b, g, |v| v, |v| v, false))
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
                 let (x, w, b) = (
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(b, l3, name)?,
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(b, l3, name)?,
                 );
                 g.check(x.len(), w.len(), name)?;
                 CpuStorage::BF16(fwd_cpu(x, w, b, g, bf16::to_f64, bf16::from_f64, true))
@@ -251,27 +246,27 @@ impl CustomOp3 for GroupNormBwdOp {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(d)) => {
                 let (x, w, d) = (
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(d, l3, name)?,
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(d, l3, name)?,
                 );
                 g.check(x.len(), w.len(), name)?;
                 CpuStorage::F32(bwd_cpu(x, w, d, g, |v| v as f64, |v| v as f32, true))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(d)) => {
                 let (x, w, d) = (
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(d, l3, name)?,
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(d, l3, name)?,
                 );
                 g.check(x.len(), w.len(), name)?;
                 CpuStorage::F64(bwd_cpu(x, w, d, g, |v| v, |v| v, false))
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(d)) => {
                 let (x, w, d) = (
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(d, l3, name)?,
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(d, l3, name)?,
                 );
                 g.check(x.len(), w.len(), name)?;
                 CpuStorage::BF16(bwd_cpu(x, w, d, g, bf16::to_f64, bf16::from_f64, true))
@@ -309,8 +304,7 @@ impl CustomOp3 for GroupNormBwdOp {
 
 /// Whether the fused op handles `x`.
 pub fn supported(x: &Tensor) -> bool {
-    let dtype = matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16);
-    dtype && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
+    super::fused_supported(x)
 }
 
 /// GroupNorm of `x` [B, C, ...] in `groups` groups with per-channel `gamma` and `beta` [C]
@@ -349,24 +343,8 @@ pub fn group_norm(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::{check_finite_differences, rel_l2 as rel};
     use candle_core::{Device, Var, D};
-
-    fn rel(a: &Tensor, b: &Tensor) -> f64 {
-        let d: f64 = (a - b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let n: f64 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        if n == 0.0 {
-            d.sqrt()
-        } else {
-            (d / n).sqrt()
-        }
-    }
 
     /// The composition `nn::GroupNorm` used before: normalise over the grouped last axis.
     fn composite(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor) -> Tensor {
@@ -434,50 +412,17 @@ mod tests {
         let b = Var::randn(0f64, 0.3, 4, &dev).unwrap();
         let r = Tensor::randn(0f64, 1.0, (2, 4, 2, 3), &dev).unwrap();
         let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> Tensor {
-            (&group_norm(x, 2, w, b, 1e-5).unwrap() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
+            let y = group_norm(x, 2, w, b, 1e-5).unwrap();
+            (&y * &r).unwrap().sum_all().unwrap()
         };
-        let grads = loss(x.as_tensor(), w.as_tensor(), b.as_tensor())
-            .backward()
-            .unwrap();
-        for (which, v) in [(0, &x), (1, &w), (2, &b)] {
-            let g = grads
-                .get(v)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let base = v
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            for i in 0..base.len() {
-                let at = |d: f64| {
-                    let mut p = base.clone();
-                    p[i] += d;
-                    Tensor::from_vec(p, v.dims(), &dev).unwrap()
-                };
-                let f = |d: f64| -> f64 {
-                    let t = at(d);
-                    let (xx, ww, bb) = match which {
-                        0 => (&t, w.as_tensor(), b.as_tensor()),
-                        1 => (x.as_tensor(), &t, b.as_tensor()),
-                        _ => (x.as_tensor(), w.as_tensor(), &t),
-                    };
-                    loss(xx, ww, bb).to_scalar().unwrap()
-                };
-                let fd = (f(1e-6) - f(-1e-6)) / 2e-6;
-                assert!(
-                    (fd - g[i]).abs() < 1e-7 * (1.0 + fd.abs()),
-                    "input {which} element {i}: {} vs {fd}",
-                    g[i]
-                );
-            }
-        }
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let grads = loss(xt, wt, bt).backward().unwrap();
+        let s = |t: Tensor| -> f64 { t.to_scalar().unwrap() };
+        let fx = |t: &Tensor| s(loss(t, wt, bt));
+        let fw = |t: &Tensor| s(loss(xt, t, bt));
+        let fb = |t: &Tensor| s(loss(xt, wt, t));
+        check_finite_differences(&fx, xt, grads.get(xt).unwrap(), 1e-7, "dx");
+        check_finite_differences(&fw, wt, grads.get(wt).unwrap(), 1e-7, "dgamma");
+        check_finite_differences(&fb, bt, grads.get(bt).unwrap(), 1e-7, "dbeta");
     }
 }

@@ -13,3 +13,66 @@ pub mod group_norm;
 pub mod softmax;
 
 pub use conv::{conv2d, conv_transpose2d};
+
+use candle_core::{DType, Layout, Result, Tensor};
+
+/// The part of a CPU storage's data that a contiguous layout describes.
+pub(crate) fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Whether the fused ops (Bezier activation, GroupNorm, softmax) handle `x`: f32, f64 or bf16,
+/// on the CPU or (with the `cuda` feature) on CUDA.
+pub(crate) fn fused_supported(x: &Tensor) -> bool {
+    let dtype = matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16);
+    dtype && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
+}
+
+/// ||a - b|| / ||b|| (||a - b|| where b is zero), for the kernels' tests (f64 tensors).
+#[cfg(test)]
+pub(crate) fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let d: f64 = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let n: f64 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    if n == 0.0 {
+        d.sqrt()
+    } else {
+        (d / n).sqrt()
+    }
+}
+
+/// Checks `grad`, the analytic gradient of `f` at `x` (f64), against central differences
+/// (step 1e-6): |numeric - analytic| <= tol * (1 + |numeric|) for every element.
+#[cfg(test)]
+pub(crate) fn check_finite_differences(
+    f: &dyn Fn(&Tensor) -> f64,
+    x: &Tensor,
+    grad: &Tensor,
+    tol: f64,
+    what: &str,
+) {
+    let g = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for i in 0..base.len() {
+        let at = |d: f64| {
+            let mut v = base.clone();
+            v[i] += d;
+            Tensor::from_vec(v, x.dims(), x.device()).unwrap()
+        };
+        let fd = (f(&at(1e-6)) - f(&at(-1e-6))) / 2e-6;
+        assert!(
+            (fd - g[i]).abs() <= tol * (1.0 + fd.abs()),
+            "{what}, element {i}: analytic {} numeric {fd}",
+            g[i]
+        );
+    }
+}

@@ -96,8 +96,7 @@ impl CustomOp1 for SoftmaxLastDim {
 
 /// Whether the fused softmax handles `x`.
 pub fn supported(x: &Tensor) -> bool {
-    let dtype = matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16);
-    dtype && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
+    super::fused_supported(x)
 }
 
 /// softmax(x) over the last axis.
@@ -108,25 +107,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::{check_finite_differences, rel_l2 as rel};
     use candle_core::{Device, Var};
-
-    fn rel(a: &Tensor, b: &Tensor) -> f64 {
-        let d: f64 = (a - b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let n: f64 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        // One-element rows have a zero gradient: compare absolutely there.
-        if n == 0.0 {
-            d.sqrt()
-        } else {
-            (d / n).sqrt()
-        }
-    }
 
     #[test]
     fn fused_softmax_matches_composition_in_value_and_gradient_f64() {
@@ -154,41 +136,14 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::randn(0f64, 2.0, (2, 5), &dev).unwrap();
         let r = Tensor::randn(0f64, 1.0, (2, 5), &dev).unwrap();
-        let f = |x: &Tensor| -> f64 {
+        let loss = |x: &Tensor| {
             (&softmax_last_dim(x).unwrap() * &r)
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .to_scalar()
-                .unwrap()
         };
-        let g = (&softmax_last_dim(x.as_tensor()).unwrap() * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g = g
-            .get(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let base = x
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        for i in 0..base.len() {
-            let at = |d: f64| {
-                let mut v = base.clone();
-                v[i] += d;
-                Tensor::from_vec(v, (2, 5), &dev).unwrap()
-            };
-            let fd = (f(&at(1e-6)) - f(&at(-1e-6))) / 2e-6;
-            assert!((fd - g[i]).abs() < 1e-8, "element {i}: {} vs {fd}", g[i]);
-        }
+        let f = |x: &Tensor| -> f64 { loss(x).to_scalar().unwrap() };
+        let g = loss(x.as_tensor()).backward().unwrap();
+        check_finite_differences(&f, x.as_tensor(), g.get(&x).unwrap(), 1e-8, "softmax");
     }
 }
