@@ -195,16 +195,17 @@ impl CustomOp2 for ConvTransposeOp {
 }
 
 /// The weight gradient of the forward convolution `y = conv(x, w)` from `x` and `dy`, shaped
-/// like `w` [K, C, kh, kw]: cuDNN's backward-filter on CUDA, else the correlation of `x` with
-/// `dy` (candle's formula).
+/// like `w` [K, C, kh, kw]: a direct GEMM over the input's im2col columns on the CPU (f32,
+/// f64), cuDNN's backward-filter on CUDA, else the correlation of `x` with `dy` (candle's
+/// formula).
 fn weight_grad(x: &Tensor, dy: &Tensor, w: &Tensor, g: Geometry) -> Result<Tensor> {
-    #[cfg(feature = "cudnn")]
-    if x.device().is_cuda() {
-        let (k, c, kh, kw) = w.dims4()?;
-        let op = ConvFilterGradOp {
-            g,
-            w: [k, c, kh, kw],
-        };
+    let (k, c, kh, kw) = w.dims4()?;
+    let op = ConvFilterGradOp {
+        g,
+        w: [k, c, kh, kw],
+    };
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && kh == kw;
+    if cpu || (cfg!(feature = "cudnn") && x.device().is_cuda()) {
         return x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &op);
     }
     let grad_w = x
@@ -214,14 +215,75 @@ fn weight_grad(x: &Tensor, dy: &Tensor, w: &Tensor, g: Geometry) -> Result<Tenso
     fit_kernel(&grad_w, w)
 }
 
-/// cuDNN's backward-filter as an op of (x, dy): the weight gradient, shaped `w`.
-#[cfg(feature = "cudnn")]
+/// dW [K, C, kk, kk] of `y = conv(x, w)` on the CPU: for each batch item and band of output
+/// rows, `dW += dy_band [K, rows*OW] x cols_band^T` where `cols_band` [C*kk*kk, rows*OW] is the
+/// im2col of the input for those rows. Bound: the bands are sized so that a column buffer
+/// holds at most `COLS_BUDGET` elements (one row at the least: C*kk*kk*OW elements).
+fn weight_grad_cpu<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    dy: &[T],
+    ys: (usize, usize, usize, usize),
+    kk: usize,
+    g: Geometry,
+) -> Result<Vec<T>>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + Default,
+{
+    let (b, c, h, wd) = xs;
+    let (yb, k, oh, ow) = ys;
+    if yb != b {
+        candle_core::bail!("conv2d weight gradient: batch {yb} of dy against {b} of x");
+    }
+    let ckk = c * kk * kk;
+    let rows = (COLS_BUDGET / (ckk * ow).max(1)).clamp(1, oh.max(1));
+    let mut dw = Tensor::zeros((k, ckk), T::DTYPE, &Device::Cpu)?;
+    for bi in 0..b {
+        let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
+        let yb = &dy[bi * k * oh * ow..(bi + 1) * k * oh * ow];
+        for r0 in (0..oh).step_by(rows) {
+            let n = rows.min(oh - r0);
+            let mut cols = vec![T::default(); ckk * n * ow];
+            cols.par_chunks_mut(n * ow)
+                .enumerate()
+                .for_each(|(row, out)| {
+                    let (ci, ky, kx) = (row / (kk * kk), (row / kk) % kk, row % kk);
+                    let plane = &xb[ci * h * wd..(ci + 1) * h * wd];
+                    for r in 0..n {
+                        let iy =
+                            ((r0 + r) * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let src = &plane[iy as usize * wd..][..wd];
+                        for (ox, o) in out[r * ow..(r + 1) * ow].iter_mut().enumerate() {
+                            let ix =
+                                (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                            if ix >= 0 && (ix as usize) < wd {
+                                *o = src[ix as usize];
+                            }
+                        }
+                    }
+                });
+            let mut band = Vec::with_capacity(k * n * ow);
+            for ko in 0..k {
+                band.extend_from_slice(&yb[(ko * oh + r0) * ow..(ko * oh + r0 + n) * ow]);
+            }
+            let band = Tensor::from_vec(band, (k, n * ow), &Device::Cpu)?;
+            let cols = Tensor::from_vec(cols, (ckk, n * ow), &Device::Cpu)?;
+            dw = (dw + band.matmul(&cols.t()?)?)?;
+        }
+    }
+    dw.flatten_all()?.to_vec1::<T>()
+}
+
+/// The weight gradient as an op of (x, dy), shaped `w`: [`weight_grad_cpu`] on the CPU,
+/// cuDNN's backward-filter on CUDA.
 struct ConvFilterGradOp {
     g: Geometry,
     w: [usize; 4],
 }
 
-#[cfg(feature = "cudnn")]
 impl CustomOp2 for ConvFilterGradOp {
     fn name(&self) -> &'static str {
         "fluxflow-conv2d-weight-grad"
@@ -229,14 +291,40 @@ impl CustomOp2 for ConvFilterGradOp {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{}: CUDA only", self.name())
+        let [k, c, kh, kw] = self.w;
+        let (xs, ys) = (dims4(l1)?, dims4(l2)?);
+        if kh != kw || xs.1 != c || ys.1 != k {
+            candle_core::bail!("{}: {xs:?} and {ys:?} do not fit {:?}", self.name(), self.w);
+        }
+        let name = self.name();
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(weight_grad_cpu(
+                contiguous(x, l1, name)?,
+                xs,
+                contiguous(dy, l2, name)?,
+                ys,
+                kh,
+                self.g,
+            )?),
+            (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(weight_grad_cpu(
+                contiguous(x, l1, name)?,
+                xs,
+                contiguous(dy, l2, name)?,
+                ys,
+                kh,
+                self.g,
+            )?),
+            _ => candle_core::bail!("{name}: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, Shape::from(self.w.to_vec())))
     }
 
+    #[cfg(feature = "cudnn")]
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
