@@ -215,10 +215,144 @@ fn weight_grad(x: &Tensor, dy: &Tensor, w: &Tensor, g: Geometry) -> Result<Tenso
     fit_kernel(&grad_w, w)
 }
 
-/// dW [K, C, kk, kk] of `y = conv(x, w)` on the CPU: for each batch item and band of output
-/// rows, `dW += dy_band [K, rows*OW] x cols_band^T` where `cols_band` [C*kk*kk, rows*OW] is the
-/// im2col of the input for those rows. Bound: the bands are sized so that a column buffer
-/// holds at most `COLS_BUDGET` elements (one row at the least: C*kk*kk*OW elements).
+/// Part of the im2col matrix of one input item `xb` [C, H, W] for a convolution of kernel
+/// `kk` and output width `ow`: rows `rows` (of C*kk*kk, ordered (c, ky, kx)) by output positions
+/// `pos` (of OH*OW), row-major into `out` (rows.len() x pos.len()); zeros outside the input.
+#[allow(clippy::too_many_arguments)]
+fn im2col_into<T: Copy + Send + Sync + Default>(
+    xb: &[T],
+    (h, wd): (usize, usize),
+    kk: usize,
+    ow: usize,
+    g: Geometry,
+    rows: std::ops::Range<usize>,
+    pos: std::ops::Range<usize>,
+    out: &mut [T],
+) {
+    let np = pos.len();
+    out[..rows.len() * np]
+        .par_chunks_mut(np)
+        .enumerate()
+        .for_each(|(i, orow)| {
+            let row = rows.start + i;
+            let (ci, ky, kx) = (row / (kk * kk), (row / kk) % kk, row % kk);
+            let plane = &xb[ci * h * wd..(ci + 1) * h * wd];
+            for (j, o) in orow.iter_mut().enumerate() {
+                let p = pos.start + j;
+                let (oy, ox) = (p / ow, p % ow);
+                let iy = (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                let ix = (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                *o = if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < wd {
+                    plane[iy as usize * wd + ix as usize]
+                } else {
+                    T::default()
+                };
+            }
+        });
+}
+
+/// `dst[m x n] (+)= lhs[m x k] x rhs[k x n]` through gemm, strides in elements (row, column).
+///
+/// # Safety
+/// Each matrix must lie within its allocation for the given shape and strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: 'static + candle_core::WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::from_f64(if accumulate { 1.0 } else { 0.0 }),
+        T::from_f64(1.0),
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    )
+}
+
+/// y [B, K, OH, OW] = conv(x, w) on the CPU: for each batch item and band of output positions,
+/// `y_b[:, band] = W [K, C*kk*kk] x cols_band` with `cols_band` [C*kk*kk, band] that part of the
+/// im2col. Bound: a band's column buffer holds at most `COLS_BUDGET` elements (one position's
+/// C*kk*kk at the least).
+fn conv2d_cpu<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    w: &[T],
+    ws: (usize, usize, usize, usize),
+    g: Geometry,
+) -> Result<(Vec<T>, Shape)>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
+{
+    let (b, c, h, wd) = xs;
+    let (k, wc, kk, kk2) = ws;
+    if wc != c || kk != kk2 {
+        candle_core::bail!("conv2d: kernel {ws:?} does not fit input {xs:?}");
+    }
+    let size = |n: usize| -> Result<usize> {
+        (n + 2 * g.padding)
+            .checked_sub(g.dilation * (kk - 1) + 1)
+            .map(|v| v / g.stride + 1)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "conv2d: input {xs:?} too small for kernel {kk} and padding {}",
+                    g.padding
+                ))
+            })
+    };
+    let (oh, ow) = (size(h)?, size(wd)?);
+    let (ckk, npos) = (c * kk * kk, oh * ow);
+    let band = (COLS_BUDGET / ckk.max(1)).clamp(1, npos.max(1));
+    let mut y = vec![T::default(); b * k * npos];
+    let mut cols = vec![T::default(); ckk * band];
+    for bi in 0..b {
+        let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
+        let yb = &mut y[bi * k * npos..(bi + 1) * k * npos];
+        for p0 in (0..npos).step_by(band) {
+            let n = band.min(npos - p0);
+            im2col_into(xb, (h, wd), kk, ow, g, 0..ckk, p0..p0 + n, &mut cols);
+            // SAFETY: yb holds k x npos (columns p0..p0+n written), w k x ckk, cols ckk x n.
+            unsafe {
+                gemm_into(
+                    (k, n, ckk),
+                    yb.as_mut_ptr().add(p0),
+                    (npos, 1),
+                    false,
+                    w.as_ptr(),
+                    (ckk, 1),
+                    cols.as_ptr(),
+                    (n, 1),
+                );
+            }
+        }
+    }
+    Ok((y, Shape::from((b, k, oh, ow))))
+}
+
+/// dW [K, C, kk, kk] of `y = conv(x, w)` on the CPU: for each batch item and band of
+/// (input channel, ky, kx) rows, `dW[:, band] += dy_b [K, OH*OW] x cols_band^T`, where
+/// `cols_band` [band, OH*OW] is that part of the input's im2col; the GEMM accumulates in place.
+/// Bound: a band's column buffer holds at most `COLS_BUDGET` elements (one row of OH*OW at the
+/// least).
 fn weight_grad_cpu<T>(
     x: &[T],
     xs: (usize, usize, usize, usize),
@@ -228,7 +362,7 @@ fn weight_grad_cpu<T>(
     g: Geometry,
 ) -> Result<Vec<T>>
 where
-    T: candle_core::WithDType + Copy + Send + Sync + Default,
+    T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
 {
     let (b, c, h, wd) = xs;
     let (yb, k, oh, ow) = ys;
@@ -236,45 +370,33 @@ where
         candle_core::bail!("conv2d weight gradient: batch {yb} of dy against {b} of x");
     }
     let ckk = c * kk * kk;
-    let rows = (COLS_BUDGET / (ckk * ow).max(1)).clamp(1, oh.max(1));
-    let mut dw = Tensor::zeros((k, ckk), T::DTYPE, &Device::Cpu)?;
+    let inner = oh * ow;
+    let band = (COLS_BUDGET / inner.max(1)).clamp(1, ckk.max(1));
+    let mut dw = vec![T::default(); k * ckk];
+    let mut cols = vec![T::default(); band * inner];
     for bi in 0..b {
         let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
-        let yb = &dy[bi * k * oh * ow..(bi + 1) * k * oh * ow];
-        for r0 in (0..oh).step_by(rows) {
-            let n = rows.min(oh - r0);
-            let mut cols = vec![T::default(); ckk * n * ow];
-            cols.par_chunks_mut(n * ow)
-                .enumerate()
-                .for_each(|(row, out)| {
-                    let (ci, ky, kx) = (row / (kk * kk), (row / kk) % kk, row % kk);
-                    let plane = &xb[ci * h * wd..(ci + 1) * h * wd];
-                    for r in 0..n {
-                        let iy =
-                            ((r0 + r) * g.stride + ky * g.dilation) as isize - g.padding as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let src = &plane[iy as usize * wd..][..wd];
-                        for (ox, o) in out[r * ow..(r + 1) * ow].iter_mut().enumerate() {
-                            let ix =
-                                (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
-                            if ix >= 0 && (ix as usize) < wd {
-                                *o = src[ix as usize];
-                            }
-                        }
-                    }
-                });
-            let mut band = Vec::with_capacity(k * n * ow);
-            for ko in 0..k {
-                band.extend_from_slice(&yb[(ko * oh + r0) * ow..(ko * oh + r0 + n) * ow]);
+        let yb = &dy[bi * k * inner..(bi + 1) * k * inner];
+        for r0 in (0..ckk).step_by(band) {
+            let n = band.min(ckk - r0);
+            im2col_into(xb, (h, wd), kk, ow, g, r0..r0 + n, 0..inner, &mut cols);
+            // SAFETY: dw holds k x ckk (columns r0..r0+n accumulated), yb k x inner, cols
+            // n x inner read transposed.
+            unsafe {
+                gemm_into(
+                    (k, n, inner),
+                    dw.as_mut_ptr().add(r0),
+                    (ckk, 1),
+                    true,
+                    yb.as_ptr(),
+                    (inner, 1),
+                    cols.as_ptr(),
+                    (1, inner),
+                );
             }
-            let band = Tensor::from_vec(band, (k, n * ow), &Device::Cpu)?;
-            let cols = Tensor::from_vec(cols, (ckk, n * ow), &Device::Cpu)?;
-            dw = (dw + band.matmul(&cols.t()?)?)?;
         }
     }
-    dw.flatten_all()?.to_vec1::<T>()
+    Ok(dw)
 }
 
 /// The weight gradient as an op of (x, dy), shaped `w`: [`weight_grad_cpu`] on the CPU,
@@ -420,26 +542,20 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let run = |x: Tensor, w: Tensor| -> Result<(Tensor, Shape)> {
-            let y = x.conv2d(&w, g.padding, g.stride, g.dilation, 1)?;
-            let s = y.shape().clone();
-            Ok((y, s))
-        };
-        macro_rules! go {
-            ($x:expr, $w:expr, $v:ident, $t:ty) => {{
-                let x =
-                    Tensor::from_slice(contiguous($x, l1, self.name())?, l1.shape(), &Device::Cpu)?;
-                let w =
-                    Tensor::from_slice(contiguous($w, l2, self.name())?, l2.shape(), &Device::Cpu)?;
-                let (y, s) = run(x, w)?;
-                Ok((CpuStorage::$v(y.flatten_all()?.to_vec1::<$t>()?), s))
-            }};
-        }
+        let (g, name) = (self.0, self.name());
+        let (xs, ws) = (dims4(l1)?, dims4(l2)?);
         match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => go!(x, w, F32, f32),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => go!(x, w, F64, f64),
-            _ => candle_core::bail!("{}: f32 or f64 inputs of one dtype", self.name()),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                let (x, w) = (contiguous(x, l1, name)?, contiguous(w, l2, name)?);
+                let (y, s) = conv2d_cpu(x, xs, w, ws, g)?;
+                Ok((CpuStorage::F32(y), s))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                let (x, w) = (contiguous(x, l1, name)?, contiguous(w, l2, name)?);
+                let (y, s) = conv2d_cpu(x, xs, w, ws, g)?;
+                Ok((CpuStorage::F64(y), s))
+            }
+            _ => candle_core::bail!("{name}: f32 or f64 inputs of one dtype"),
         }
     }
 

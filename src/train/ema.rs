@@ -12,10 +12,14 @@ pub struct Ema {
 
 impl Ema {
     /// Starts the shadow at the parameters' current values.
+    ///
+    /// The shadow is detached: a copy of a variable records the copy as an op, and every
+    /// update would then chain the previous shadow (and its temporaries) into the graph of the
+    /// next, keeping all of them alive: three parameter-sized tensors more every step.
     pub fn new(decay: f64, params: Vec<(String, Var)>) -> Result<Self> {
         let shadow = params
             .iter()
-            .map(|(_, v)| v.as_tensor().copy())
+            .map(|(_, v)| v.as_tensor().detach().copy())
             .collect::<Result<_>>()?;
         Ok(Self {
             decay,
@@ -27,7 +31,7 @@ impl Ema {
     pub fn update(&mut self) -> Result<()> {
         let keep = 1.0 - self.decay;
         for ((_, var), s) in self.params.iter().zip(self.shadow.iter_mut()) {
-            *s = ((&*s * self.decay)? + (var.as_tensor().detach() * keep)?)?;
+            *s = ((&*s * self.decay)? + (var.as_tensor().detach() * keep)?)?.detach();
         }
         Ok(())
     }
@@ -55,8 +59,31 @@ impl Ema {
                     var.dims()
                 );
             }
-            *s = t.to_dtype(var.dtype())?.to_device(var.device())?;
+            *s = t.to_dtype(var.dtype())?.to_device(var.device())?.detach();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_shadow_holds_no_graph_across_updates() {
+        let v = Var::new(&[1f64, 2.0, 3.0], &Device::Cpu).unwrap();
+        let mut ema = Ema::new(0.5, vec![("w".into(), v.clone())]).unwrap();
+        for step in 0..3 {
+            v.set(&Tensor::new(&[2f64, 4.0, 6.0], &Device::Cpu).unwrap())
+                .unwrap();
+            ema.update().unwrap();
+            let (_, s) = &ema.shadow()[0];
+            // A shadow that tracked ops would keep every earlier shadow alive.
+            assert!(!s.track_op(), "step {step}: the shadow records a graph");
+        }
+        let (_, s) = &ema.shadow()[0];
+        // 1 -> 1.5 -> 1.75 -> 1.875 for the first element.
+        assert_eq!(s.to_vec1::<f64>().unwrap(), vec![1.875, 3.75, 5.625]);
     }
 }
