@@ -371,10 +371,12 @@ mod tests {
     #[test]
     fn fused_group_norm_matches_composition_in_value_and_gradients_f64() {
         let dev = Device::Cpu;
-        // H != W of different parity, 1x1 images, one channel per group, one group.
+        // H != W of different parity, 1x1 images, one channel per group, one group. (1x1 images
+        // with three channels per group: with two values a group normalises to +-1 and the
+        // gradient is a cancellation of order eps / var, ill-conditioned in any implementation.)
         for (dims, groups) in [
             (&[2usize, 6, 5, 4][..], 3),
-            (&[1, 4, 1, 1], 2),
+            (&[1, 6, 1, 1], 2),
             (&[3, 4, 3, 2], 4),
             (&[2, 8, 7, 3], 1),
             (&[2, 6, 9], 2),
