@@ -1,0 +1,272 @@
+//! The CPU halves of the convolution ops: the transposed convolution as GEMM + col2im, the
+//! forward convolution and the weight gradient as banded im2col + GEMM. Every column buffer holds
+//! at most `COLS_BUDGET` elements.
+
+use candle_core::{Device, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::Geometry;
+
+/// Elements of the column buffer per GEMM, to bound memory on large layers.
+pub(super) const COLS_BUDGET: usize = 1 << 24;
+
+/// The transposed convolution of `x` [B, Ci, H, W] by `w` [Ci, Co, K, K] on the CPU.
+pub(super) fn conv_transpose_cpu<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    w: &[T],
+    ws: (usize, usize, usize, usize),
+    g: Geometry,
+) -> Result<(Vec<T>, Shape)>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + Default,
+{
+    let (b, ci, h, wd) = xs;
+    let (wci, co, k, k2) = ws;
+    if wci != ci || k != k2 {
+        candle_core::bail!("conv_transpose2d: kernel {ws:?} does not fit input {xs:?}");
+    }
+    let span = g.dilation * (k - 1);
+    let size = |n: usize, op: usize| -> Result<usize> {
+        ((n.max(1) - 1) * g.stride + span + 1 + op)
+            .checked_sub(2 * g.padding)
+            .filter(|s| *s > 0 && n > 0)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "conv_transpose2d: input {xs:?} too small for kernel {k} and padding {}",
+                    g.padding
+                ))
+            })
+    };
+    let (oh, ow) = (size(h, g.output_padding.0)?, size(wd, g.output_padding.1)?);
+    let hw = h * wd;
+    let mut out = vec![T::default(); b * co * oh * ow];
+    // W as [Ci, Co*K*K]; its transpose times X_b [Ci, H*W] gives the columns.
+    let wt = Tensor::from_slice(w, (ci, co * k * k), &Device::Cpu)?
+        .t()?
+        .contiguous()?;
+    let chunk = (COLS_BUDGET / (k * k * hw).max(1)).clamp(1, co);
+    for bi in 0..b {
+        let xb = Tensor::from_slice(&x[bi * ci * hw..(bi + 1) * ci * hw], (ci, hw), &Device::Cpu)?;
+        let out_b = &mut out[bi * co * oh * ow..(bi + 1) * co * oh * ow];
+        for c0 in (0..co).step_by(chunk) {
+            let cn = chunk.min(co - c0);
+            let cols = wt
+                .narrow(0, c0 * k * k, cn * k * k)?
+                .matmul(&xb)?
+                .flatten_all()?
+                .to_vec1::<T>()?;
+            out_b[c0 * oh * ow..(c0 + cn) * oh * ow]
+                .par_chunks_mut(oh * ow)
+                .enumerate()
+                .for_each(|(cl, o)| {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let row = &cols[((cl * k + ky) * k + kx) * hw..][..hw];
+                            for iy in 0..h {
+                                let oy =
+                                    (iy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                                if oy < 0 || oy >= oh as isize {
+                                    continue;
+                                }
+                                let orow = &mut o[oy as usize * ow..][..ow];
+                                let irow = &row[iy * wd..][..wd];
+                                for (ix, v) in irow.iter().enumerate() {
+                                    let ox = (ix * g.stride + kx * g.dilation) as isize
+                                        - g.padding as isize;
+                                    if ox >= 0 && (ox as usize) < ow {
+                                        orow[ox as usize] += *v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+    }
+    Ok((out, Shape::from((b, co, oh, ow))))
+}
+
+/// Part of the im2col matrix of one input item `xb` [C, H, W] for a convolution of kernel
+/// `kk` and output width `ow`: rows `rows` (of C*kk*kk, ordered (c, ky, kx)) by output positions
+/// `pos` (of OH*OW), row-major into `out` (rows.len() x pos.len()); zeros outside the input.
+#[allow(clippy::too_many_arguments)]
+fn im2col_into<T: Copy + Send + Sync + Default>(
+    xb: &[T],
+    (h, wd): (usize, usize),
+    kk: usize,
+    ow: usize,
+    g: Geometry,
+    rows: std::ops::Range<usize>,
+    pos: std::ops::Range<usize>,
+    out: &mut [T],
+) {
+    let np = pos.len();
+    out[..rows.len() * np]
+        .par_chunks_mut(np)
+        .enumerate()
+        .for_each(|(i, orow)| {
+            let row = rows.start + i;
+            let (ci, ky, kx) = (row / (kk * kk), (row / kk) % kk, row % kk);
+            let plane = &xb[ci * h * wd..(ci + 1) * h * wd];
+            for (j, o) in orow.iter_mut().enumerate() {
+                let p = pos.start + j;
+                let (oy, ox) = (p / ow, p % ow);
+                let iy = (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                let ix = (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                *o = if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < wd {
+                    plane[iy as usize * wd + ix as usize]
+                } else {
+                    T::default()
+                };
+            }
+        });
+}
+
+/// `dst[m x n] (+)= lhs[m x k] x rhs[k x n]` through gemm, strides in elements (row, column).
+///
+/// # Safety
+/// Each matrix must lie within its allocation for the given shape and strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: 'static + candle_core::WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::from_f64(if accumulate { 1.0 } else { 0.0 }),
+        T::from_f64(1.0),
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    )
+}
+
+/// y [B, K, OH, OW] = conv(x, w) on the CPU: for each batch item and band of output positions,
+/// `y_b[:, band] = W [K, C*kk*kk] x cols_band` with `cols_band` [C*kk*kk, band] that part of the
+/// im2col. Bound: a band's column buffer holds at most `COLS_BUDGET` elements (one position's
+/// C*kk*kk at the least).
+pub(super) fn conv2d_cpu<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    w: &[T],
+    ws: (usize, usize, usize, usize),
+    g: Geometry,
+) -> Result<(Vec<T>, Shape)>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
+{
+    let (b, c, h, wd) = xs;
+    let (k, wc, kk, kk2) = ws;
+    if wc != c || kk != kk2 {
+        candle_core::bail!("conv2d: kernel {ws:?} does not fit input {xs:?}");
+    }
+    let size = |n: usize| -> Result<usize> {
+        (n + 2 * g.padding)
+            .checked_sub(g.dilation * (kk - 1) + 1)
+            .map(|v| v / g.stride + 1)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "conv2d: input {xs:?} too small for kernel {kk} and padding {}",
+                    g.padding
+                ))
+            })
+    };
+    let (oh, ow) = (size(h)?, size(wd)?);
+    let (ckk, npos) = (c * kk * kk, oh * ow);
+    let band = (COLS_BUDGET / ckk.max(1)).clamp(1, npos.max(1));
+    let mut y = vec![T::default(); b * k * npos];
+    let mut cols = vec![T::default(); ckk * band];
+    for bi in 0..b {
+        let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
+        let yb = &mut y[bi * k * npos..(bi + 1) * k * npos];
+        for p0 in (0..npos).step_by(band) {
+            let n = band.min(npos - p0);
+            im2col_into(xb, (h, wd), kk, ow, g, 0..ckk, p0..p0 + n, &mut cols);
+            // SAFETY: yb holds k x npos (columns p0..p0+n written), w k x ckk, cols ckk x n.
+            unsafe {
+                gemm_into(
+                    (k, n, ckk),
+                    yb.as_mut_ptr().add(p0),
+                    (npos, 1),
+                    false,
+                    w.as_ptr(),
+                    (ckk, 1),
+                    cols.as_ptr(),
+                    (n, 1),
+                );
+            }
+        }
+    }
+    Ok((y, Shape::from((b, k, oh, ow))))
+}
+
+/// dW [K, C, kk, kk] of `y = conv(x, w)` on the CPU: for each batch item and band of
+/// (input channel, ky, kx) rows, `dW[:, band] += dy_b [K, OH*OW] x cols_band^T`, where
+/// `cols_band` [band, OH*OW] is that part of the input's im2col; the GEMM accumulates in place.
+/// Bound: a band's column buffer holds at most `COLS_BUDGET` elements (one row of OH*OW at the
+/// least).
+pub(super) fn weight_grad_cpu<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    dy: &[T],
+    ys: (usize, usize, usize, usize),
+    kk: usize,
+    g: Geometry,
+) -> Result<Vec<T>>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
+{
+    let (b, c, h, wd) = xs;
+    let (yb, k, oh, ow) = ys;
+    if yb != b {
+        candle_core::bail!("conv2d weight gradient: batch {yb} of dy against {b} of x");
+    }
+    let ckk = c * kk * kk;
+    let inner = oh * ow;
+    let band = (COLS_BUDGET / inner.max(1)).clamp(1, ckk.max(1));
+    let mut dw = vec![T::default(); k * ckk];
+    let mut cols = vec![T::default(); band * inner];
+    for bi in 0..b {
+        let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
+        let yb = &dy[bi * k * inner..(bi + 1) * k * inner];
+        for r0 in (0..ckk).step_by(band) {
+            let n = band.min(ckk - r0);
+            im2col_into(xb, (h, wd), kk, ow, g, r0..r0 + n, 0..inner, &mut cols);
+            // SAFETY: dw holds k x ckk (columns r0..r0+n accumulated), yb k x inner, cols
+            // n x inner read transposed.
+            unsafe {
+                gemm_into(
+                    (k, n, inner),
+                    dw.as_mut_ptr().add(r0),
+                    (ckk, 1),
+                    true,
+                    yb.as_ptr(),
+                    (inner, 1),
+                    cols.as_ptr(),
+                    (1, inner),
+                );
+            }
+        }
+    }
+    Ok(dw)
+}
