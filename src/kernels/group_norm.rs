@@ -133,6 +133,37 @@ fn bwd_cpu<T: Copy + Send + Sync>(
     out
 }
 
+/// Runs `$f` (`fwd_cpu` or `bwd_cpu`) on three CPU storages of one dtype: f32 and bf16 with
+/// float32 statistics, f64 with float64 ones.
+macro_rules! on_cpu_dtype {
+    ($name:expr, $g:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), $f:ident) => {{
+        let (g, name) = ($g, $name);
+        macro_rules! arm {
+            ($a:expr, $b:expr, $c:expr, $v:ident, $to:expr, $from:expr, $narrow:expr) => {{
+                let (a, b, c) = (
+                    contiguous($a, $l1, name)?,
+                    contiguous($b, $l2, name)?,
+                    contiguous($c, $l3, name)?,
+                );
+                g.check(a.len(), b.len(), name)?;
+                CpuStorage::$v($f(a, b, c, g, $to, $from, $narrow))
+            }};
+        }
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                arm!(a, b, c, F32, |v| v as f64, |v| v as f32, true)
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
+                arm!(a, b, c, F64, |v| v, |v| v, false)
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => {
+                arm!(a, b, c, BF16, bf16::to_f64, bf16::from_f64, true)
+            }
+            _ => candle_core::bail!("{name}: f32, f64 or bf16 inputs of one dtype"),
+        }
+    }};
+}
+
 struct GroupNormOp(Geom);
 
 impl CustomOp3 for GroupNormOp {
@@ -149,37 +180,7 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, name) = (self.0, self.name());
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let (x, w, b) = (
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(b, l3, name)?,
-                );
-                g.check(x.len(), w.len(), name)?;
-                CpuStorage::F32(fwd_cpu(x, w, b, g, |v| v as f64, |v| v as f32, true))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let (x, w, b) = (
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(b, l3, name)?,
-                );
-                g.check(x.len(), w.len(), name)?;
-                CpuStorage::F64(fwd_cpu(x, w, b, g, |v| v, |v| v, false))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
-                let (x, w, b) = (
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(b, l3, name)?,
-                );
-                g.check(x.len(), w.len(), name)?;
-                CpuStorage::BF16(fwd_cpu(x, w, b, g, bf16::to_f64, bf16::from_f64, true))
-            }
-            _ => candle_core::bail!("{name}: f32, f64 or bf16 inputs of one dtype"),
-        };
+        let out = on_cpu_dtype!(self.name(), self.0, (s1, l1), (s2, l2), (s3, l3), fwd_cpu);
         Ok((out, l1.shape().clone()))
     }
 
@@ -242,38 +243,8 @@ impl CustomOp3 for GroupNormBwdOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, name) = (self.0, self.name());
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(d)) => {
-                let (x, w, d) = (
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(d, l3, name)?,
-                );
-                g.check(x.len(), w.len(), name)?;
-                CpuStorage::F32(bwd_cpu(x, w, d, g, |v| v as f64, |v| v as f32, true))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(d)) => {
-                let (x, w, d) = (
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(d, l3, name)?,
-                );
-                g.check(x.len(), w.len(), name)?;
-                CpuStorage::F64(bwd_cpu(x, w, d, g, |v| v, |v| v, false))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(d)) => {
-                let (x, w, d) = (
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(d, l3, name)?,
-                );
-                g.check(x.len(), w.len(), name)?;
-                CpuStorage::BF16(bwd_cpu(x, w, d, g, bf16::to_f64, bf16::from_f64, true))
-            }
-            _ => candle_core::bail!("{name}: f32, f64 or bf16 inputs of one dtype"),
-        };
-        let len = l1.shape().elem_count() + 2 * g.c;
+        let out = on_cpu_dtype!(self.name(), self.0, (s1, l1), (s2, l2), (s3, l3), bwd_cpu);
+        let len = l1.shape().elem_count() + 2 * self.0.c;
         Ok((out, Shape::from(len)))
     }
 
