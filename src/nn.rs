@@ -315,9 +315,9 @@ impl Embedding {
     }
 }
 
-/// Softmax over the last axis, from differentiable ops.
-/// One fused op (`kernels::softmax`, whose backward keeps only the output) where the dtype and
-/// device allow, else candle's composition (in float32 for 16-bit inputs).
+/// Softmax over the last axis: one fused op (`kernels::softmax`, whose backward keeps only the
+/// output) where the dtype and device allow, else candle's composition (in float32 for 16-bit
+/// inputs).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if crate::kernels::softmax::supported(x) {
         return crate::kernels::softmax::softmax_last_dim(x);

@@ -26,12 +26,7 @@ fn launch_cfg(n: usize) -> LaunchConfig {
     }
 }
 
-fn view<'a, T: CudaDType>(st: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
-    Ok(st.as_cuda_slice::<T>()?.slice(a..b))
-}
+use super::cuda_view as view;
 
 fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
     Ok(match dtype {

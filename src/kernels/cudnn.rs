@@ -135,7 +135,6 @@ enum Algo {
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     algo: Algo,
-    math: sys::cudnnMathType_t,
     workspace: usize,
 }
 
@@ -269,17 +268,11 @@ fn fallbacks(pass: Pass) -> Vec<Algo> {
     }
 }
 
-/// Chooses the algorithm for `pass` under `math`: cuDNN's heuristic first choice, or, where
+/// Chooses the algorithm for `pass` under the descriptor's math mode: cuDNN's heuristic first
+/// choice, or, where
 /// that needs more than [`WORKSPACE_CAP`] bytes of workspace, the first of [`fallbacks`] that
 /// runs within it.
-fn plan<T: ConvDType>(
-    d: &mut Descriptors<T>,
-    s: &ConvShape,
-    pass: Pass,
-    math: sys::cudnnMathType_t,
-    cap: usize,
-) -> Result<Plan> {
-    d.conv.set_math_type(math).map_err(cudnn_err)?;
+fn plan<T: ConvDType>(d: &Descriptors<T>, s: &ConvShape, pass: Pass, cap: usize) -> Result<Plan> {
     let best = match pass {
         Pass::Forward => ConvForward {
             conv: &d.conv,
@@ -326,7 +319,6 @@ fn plan<T: ConvDType>(
                 }
                 return Ok(Plan {
                     algo,
-                    math,
                     workspace: ws,
                 });
             }
@@ -336,12 +328,12 @@ fn plan<T: ConvDType>(
     }
     candle_core::bail!(
         "cudnn: no {} algorithm for {s:?} runs within a {cap}-byte workspace ({})",
-        d_shape_hint(pass),
+        pass_name(pass),
         tried.join(", ")
     )
 }
 
-fn d_shape_hint(pass: Pass) -> &'static str {
+fn pass_name(pass: Pass) -> &'static str {
     match pass {
         Pass::Forward => "convolution",
         Pass::BackwardData => "input gradient",
@@ -379,7 +371,9 @@ pub fn run<T: ConvDType>(
             }
         };
         let mut d = descriptors::<T>(&cudnn, s)?;
-        let math = math_for(T::DTYPE);
+        d.conv
+            .set_math_type(math_for(T::DTYPE))
+            .map_err(cudnn_err)?;
         let key = (
             id,
             pass,
@@ -390,7 +384,7 @@ pub fn run<T: ConvDType>(
         let p = match st.plans.get(&key) {
             Some(p) => *p,
             None => {
-                let p = plan(&mut d, s, pass, math, WORKSPACE_CAP)?;
+                let p = plan(&d, s, pass, WORKSPACE_CAP)?;
                 st.plans.insert(key, p);
                 p
             }
@@ -400,12 +394,11 @@ pub fn run<T: ConvDType>(
         let (p, mut ws) = match unsafe { dev.alloc::<u8>(p.workspace.max(1)) } {
             Ok(ws) => (p, ws),
             Err(_) => {
-                let lean = plan(&mut d, s, pass, math, 0)?;
+                let lean = plan(&d, s, pass, 0)?;
                 st.plans.insert(key, lean);
                 (lean, unsafe { dev.alloc::<u8>(1)? })
             }
         };
-        d.conv.set_math_type(p.math).map_err(cudnn_err)?;
         let mut ws = ws.slice_mut(..p.workspace.max(1));
         let one = T::from_f64(1.0);
         let zero = T::from_f64(0.0);
@@ -451,20 +444,14 @@ pub fn run_storage(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = a.0.device().clone();
     let out_shape = Shape::from(s.output(pass).to_vec());
-    fn view<'a, T: ConvDType>(st: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("cudnn: non-contiguous input".into()))?;
-        Ok(st.as_cuda_slice::<T>()?.slice(start..end))
-    }
     macro_rules! go {
         ($t:ty) => {{
             let out = run::<$t>(
                 &dev,
                 pass,
                 s,
-                &view::<$t>(a.0, a.1)?,
-                &view::<$t>(b.0, b.1)?,
+                &super::cuda_view::<$t>(a.0, a.1, "cudnn convolution")?,
+                &super::cuda_view::<$t>(b.0, b.1, "cudnn convolution")?,
             )?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};

@@ -24,6 +24,19 @@ pub(crate) fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result
     }
 }
 
+/// The part of a CUDA storage a contiguous layout describes, as a typed view.
+#[cfg(feature = "cudnn")]
+pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
+    st: &'a candle_core::CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
+    Ok(st.as_cuda_slice::<T>()?.slice(a..b))
+}
+
 /// Whether the fused ops (Bezier activation, GroupNorm, softmax) handle `x`: f32, f64 or bf16,
 /// on the CPU or (with the `cuda` feature) on CUDA.
 pub(crate) fn fused_supported(x: &Tensor) -> bool {

@@ -283,10 +283,9 @@ impl FluxCompressor {
         let (b, d, h, w) = latent.dims4()?;
         let tokens = |t: &Tensor| -> Result<Tensor> { t.flatten_from(2)?.transpose(1, 2) };
         let pe = sincos_2d(h, w, d, z.dtype(), z.device())?;
-        let seq_t = tokens(&z)?.broadcast_add(&pe)?.add(&tokens(&latent)?)?;
+        let mut seq_t = tokens(&z)?.broadcast_add(&pe)?.add(&tokens(&latent)?)?;
         // One segment per block (the reference checkpoints the stack as one): the backward pass
         // then holds one block's attention scores at a time.
-        let mut seq_t = seq_t;
         for blk in &self.token_attn {
             seq_t = rc.segment(&[&seq_t], move |t: &[Tensor]| blk.forward(&t[0]))?;
         }

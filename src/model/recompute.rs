@@ -78,10 +78,6 @@ impl<'a> Recompute<'a> {
         }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
     /// `f(inputs)`, as a checkpointed segment when enabled: the result is a leaf whose
     /// gradient [`Recompute::backward`] carries back through a recomputation of `f`. `f` must
     /// compute the same thing each time it is called (no fresh randomness).

@@ -26,17 +26,13 @@ where
     if wci != ci || k != k2 {
         candle_core::bail!("conv_transpose2d: kernel {ws:?} does not fit input {xs:?}");
     }
-    let span = g.dilation * (k - 1);
     let size = |n: usize, op: usize| -> Result<usize> {
-        ((n.max(1) - 1) * g.stride + span + 1 + op)
-            .checked_sub(2 * g.padding)
-            .filter(|s| *s > 0 && n > 0)
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "conv_transpose2d: input {xs:?} too small for kernel {k} and padding {}",
-                    g.padding
-                ))
-            })
+        g.transposed_len(n, k, op).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "conv_transpose2d: input {xs:?} too small for kernel {k} and padding {}",
+                g.padding
+            ))
+        })
     };
     let (oh, ow) = (size(h, g.output_padding.0)?, size(wd, g.output_padding.1)?);
     let hw = h * wd;
@@ -181,15 +177,12 @@ where
         candle_core::bail!("conv2d: kernel {ws:?} does not fit input {xs:?}");
     }
     let size = |n: usize| -> Result<usize> {
-        (n + 2 * g.padding)
-            .checked_sub(g.dilation * (kk - 1) + 1)
-            .map(|v| v / g.stride + 1)
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "conv2d: input {xs:?} too small for kernel {kk} and padding {}",
-                    g.padding
-                ))
-            })
+        g.conv_len(n, kk).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "conv2d: input {xs:?} too small for kernel {kk} and padding {}",
+                g.padding
+            ))
+        })
     };
     let (oh, ow) = (size(h)?, size(wd)?);
     let (ckk, npos) = (c * kk * kk, oh * ow);

@@ -26,6 +26,46 @@ struct Geometry {
     output_padding: (usize, usize),
 }
 
+impl Geometry {
+    /// Output length of the convolution along an input axis of `n` with kernel `k`; None where
+    /// the padded input is shorter than the kernel's span.
+    fn conv_len(&self, n: usize, k: usize) -> Option<usize> {
+        (n + 2 * self.padding)
+            .checked_sub(self.dilation * (k - 1) + 1)
+            .map(|v| v / self.stride + 1)
+    }
+
+    /// Output length of the transposed convolution along an input axis of `n` with kernel `k`
+    /// and output padding `op`; None where it would be empty.
+    fn transposed_len(&self, n: usize, k: usize, op: usize) -> Option<usize> {
+        if n == 0 {
+            return None;
+        }
+        ((n - 1) * self.stride + self.dilation * (k - 1) + 1 + op)
+            .checked_sub(2 * self.padding)
+            .filter(|len| *len > 0)
+    }
+}
+
+/// Runs `$f(x, w)` on two CPU storages of one dtype, f32 or f64, giving `(Vec, Shape)`.
+macro_rules! on_f32_or_f64 {
+    ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$x:ident, $w:ident| $f:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32($x), CpuStorage::F32($w)) => {
+                let ($x, $w) = (contiguous($x, $l1, $name)?, contiguous($w, $l2, $name)?);
+                let (v, shape) = $f;
+                Ok((CpuStorage::F32(v), shape))
+            }
+            (CpuStorage::F64($x), CpuStorage::F64($w)) => {
+                let ($x, $w) = (contiguous($x, $l1, $name)?, contiguous($w, $l2, $name)?);
+                let (v, shape) = $f;
+                Ok((CpuStorage::F64(v), shape))
+            }
+            _ => candle_core::bail!("{}: f32 or f64 inputs of one dtype", $name),
+        }
+    };
+}
+
 /// The weight gradient cut to the kernel's size (the correlation can come out larger).
 fn fit_kernel(grad_w: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (_, _, k0, k1) = w.dims4()?;
@@ -36,7 +76,8 @@ fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     l.shape().dims4()
 }
 
-/// The transposed convolution as a custom op (CPU only) with candle's backward formulas.
+/// The transposed convolution as a custom op: GEMM + col2im on the CPU, cuDNN's backward-data
+/// on CUDA; its backward pass is the forward convolution and the weight gradient.
 struct ConvTransposeOp(Geometry);
 
 impl CustomOp2 for ConvTransposeOp {
@@ -52,21 +93,9 @@ impl CustomOp2 for ConvTransposeOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (xs, ws) = (dims4(l1)?, dims4(l2)?);
-        match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let x = contiguous(x, l1, self.name())?;
-                let w = contiguous(w, l2, self.name())?;
-                let (v, s) = conv_transpose_cpu(x, xs, w, ws, self.0)?;
-                Ok((CpuStorage::F32(v), s))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                let x = contiguous(x, l1, self.name())?;
-                let w = contiguous(w, l2, self.name())?;
-                let (v, s) = conv_transpose_cpu(x, xs, w, ws, self.0)?;
-                Ok((CpuStorage::F64(v), s))
-            }
-            _ => candle_core::bail!("{}: f32 or f64 inputs of one dtype", self.name()),
-        }
+        on_f32_or_f64!(self.name(), (s1, l1), (s2, l2), |x, w| {
+            conv_transpose_cpu(x, xs, w, ws, self.0)?
+        })
     }
 
     #[cfg(feature = "cudnn")]
@@ -81,12 +110,17 @@ impl CustomOp2 for ConvTransposeOp {
         let g = self.0;
         let (b, _, h, wd) = dims4(l1)?;
         let (_, co, k, _) = dims4(l2)?;
-        let out = |n: usize, op: usize| (n - 1) * g.stride + g.dilation * (k - 1) + 1 + op;
-        let (oh, ow) = (out(h, g.output_padding.0), out(wd, g.output_padding.1));
-        if oh <= 2 * g.padding || ow <= 2 * g.padding || h == 0 || wd == 0 {
-            candle_core::bail!("conv_transpose2d: input too small for kernel {k}");
-        }
-        let x = [b, co, oh - 2 * g.padding, ow - 2 * g.padding];
+        let (oh, ow) = match (
+            g.transposed_len(h, k, g.output_padding.0),
+            g.transposed_len(wd, k, g.output_padding.1),
+        ) {
+            (Some(oh), Some(ow)) => (oh, ow),
+            _ => candle_core::bail!(
+                "conv_transpose2d: input {h}x{wd} too small for kernel {k} and padding {}",
+                g.padding
+            ),
+        };
+        let x = [b, co, oh, ow];
         let s = shape_of(
             Pass::BackwardData,
             l1,
@@ -161,27 +195,10 @@ impl CustomOp2 for ConvFilterGradOp {
         if kh != kw || xs.1 != c || ys.1 != k {
             candle_core::bail!("{}: {xs:?} and {ys:?} do not fit {:?}", self.name(), self.w);
         }
-        let name = self.name();
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(weight_grad_cpu(
-                contiguous(x, l1, name)?,
-                xs,
-                contiguous(dy, l2, name)?,
-                ys,
-                kh,
-                self.g,
-            )?),
-            (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(weight_grad_cpu(
-                contiguous(x, l1, name)?,
-                xs,
-                contiguous(dy, l2, name)?,
-                ys,
-                kh,
-                self.g,
-            )?),
-            _ => candle_core::bail!("{name}: f32 or f64 inputs of one dtype"),
-        };
-        Ok((out, Shape::from(self.w.to_vec())))
+        on_f32_or_f64!(self.name(), (s1, l1), (s2, l2), |x, dy| {
+            let dw = weight_grad_cpu(x, xs, dy, ys, kh, self.g)?;
+            (dw, Shape::from(self.w.to_vec()))
+        })
     }
 
     #[cfg(feature = "cudnn")]
@@ -264,8 +281,8 @@ fn conv_transpose2d_hw(
         .apply_op2(&w.contiguous()?, ConvTransposeOp(g))
 }
 
-/// A convolution (groups 1, no bias) whose input gradient uses the fast transposed
-/// convolution on the CPU.
+/// A convolution (groups 1, no bias) as a custom op: banded im2col + GEMM on the CPU, cuDNN on
+/// CUDA; its backward pass is the transposed convolution and the weight gradient.
 struct Conv2dOp(Geometry);
 
 impl CustomOp2 for Conv2dOp {
@@ -280,21 +297,10 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, name) = (self.0, self.name());
         let (xs, ws) = (dims4(l1)?, dims4(l2)?);
-        match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let (x, w) = (contiguous(x, l1, name)?, contiguous(w, l2, name)?);
-                let (y, s) = conv2d_cpu(x, xs, w, ws, g)?;
-                Ok((CpuStorage::F32(y), s))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                let (x, w) = (contiguous(x, l1, name)?, contiguous(w, l2, name)?);
-                let (y, s) = conv2d_cpu(x, xs, w, ws, g)?;
-                Ok((CpuStorage::F64(y), s))
-            }
-            _ => candle_core::bail!("{name}: f32 or f64 inputs of one dtype"),
-        }
+        on_f32_or_f64!(self.name(), (s1, l1), (s2, l2), |x, w| {
+            conv2d_cpu(x, xs, w, ws, self.0)?
+        })
     }
 
     #[cfg(feature = "cudnn")]
@@ -310,15 +316,12 @@ impl CustomOp2 for Conv2dOp {
         let (b, _, h, wd) = dims4(l1)?;
         let (co, _, k, _) = dims4(l2)?;
         let out = |n: usize| -> Result<usize> {
-            (n + 2 * g.padding)
-                .checked_sub(g.dilation * (k - 1) + 1)
-                .map(|v| v / g.stride + 1)
-                .ok_or_else(|| {
-                    candle_core::Error::Msg(format!(
-                        "conv2d: input {h}x{wd} too small for kernel {k} and padding {}",
-                        g.padding
-                    ))
-                })
+            g.conv_len(n, k).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "conv2d: input {h}x{wd} too small for kernel {k} and padding {}",
+                    g.padding
+                ))
+            })
         };
         let y = [b, co, out(h)?, out(wd)?];
         let s = shape_of(Pass::Forward, l1, l2, g.padding, g.stride, g.dilation, y)?;
@@ -339,8 +342,7 @@ impl CustomOp2 for Conv2dOp {
         // The rows (columns) of x the strided convolution never reached come back as output
         // padding of the transposed convolution.
         let pad = |gn: usize, xn: usize| -> Result<usize> {
-            let out =
-                ((gn - 1) * g.stride + g.dilation * (k - 1) + 1).saturating_sub(2 * g.padding);
+            let out = g.transposed_len(gn, k, 0).unwrap_or(0);
             xn.checked_sub(out).ok_or_else(|| {
                 candle_core::Error::Msg(format!("conv2d backward: cannot map {gn} back to {xn}"))
             })
