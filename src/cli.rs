@@ -139,10 +139,10 @@ pub struct BenchArgs {
     /// on unless set off, as in the reference).
     #[arg(long, value_enum)]
     pub checkpointing: Option<Switch>,
-    /// Mixed precision: no, bf16 (or fp16); default: the configuration's
+    /// Mixed precision: no, bf16 or fp16 (CUDA only); default: the configuration's
     /// training.mixed_precision.
     #[arg(long)]
-    pub mixed_precision: Option<String>,
+    pub mixed_precision: Option<crate::train::precision::MixedPrecision>,
     /// TF32 tensor cores for float32 matrix products and convolutions on CUDA (PyTorch's
     /// default for convolutions); `off` for full float32 precision.
     #[arg(long, value_enum, default_value_t = Switch::On)]

@@ -110,7 +110,8 @@ fn fp16_steps_scale_the_loss_and_an_overflow_changes_nothing_but_the_scale() {
         );
     }
     let after = t.state();
-    assert_eq!(after.skipped, 1);
+    // Finding the loss scale is not a bad batch.
+    assert_eq!(after.skipped, 0);
     assert_eq!(after.loss_scaler.unwrap().scale, 5e29);
     assert_eq!(after.optimizer, hot.optimizer);
 }

@@ -14,7 +14,6 @@ use crate::config::{Config, Overrides, QUICKSTART};
 use crate::model::{FluxModel, Noise};
 use crate::train::factory::{optimizer_spec, scheduler_spec};
 use crate::train::optim;
-use crate::train::precision::MixedPrecision;
 use crate::train::schedule::Scheduler;
 use crate::train::step::{vae_params, StepOutcome, VaeTrainer};
 
@@ -33,8 +32,20 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     if args.batch == 0 || args.width == 0 || args.height == 0 {
         anyhow::bail!("--batch, --width and --height must be at least 1");
     }
+    // The benchmark's settings go through the configuration, whose checks name them.
+    let mut set = Vec::new();
+    if let Some(c) = args.checkpointing {
+        set.push(format!(
+            "model.use_gradient_checkpointing={}",
+            c == Switch::On
+        ));
+    }
+    if let Some(mp) = args.mixed_precision {
+        set.push(format!("training.mixed_precision={mp}"));
+    }
     let overrides = Overrides {
         device: args.device.clone(),
+        set,
         ..Overrides::default()
     };
     let cfg = match &args.config {
@@ -50,10 +61,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     let device = parse_device(&cfg.training.device)?;
     let tf32 = device.is_cuda() && args.tf32 == Switch::On;
     #[cfg(feature = "cuda")]
-    {
-        candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
-        crate::gpu::configure(&device)?;
-    }
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
     let dtype = if cfg.training.dtype == "f64" {
         DType::F64
     } else {
@@ -68,21 +76,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         spec.lr(),
         1000,
     )?;
-    let mut step_cfg = cfg.step_config();
-    if let Some(c) = args.checkpointing {
-        step_cfg.checkpointing = c == Switch::On;
-    }
-    if let Some(mp) = &args.mixed_precision {
-        step_cfg.mixed_precision = mp
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--mixed-precision {mp:?}: use no, bf16 or fp16"))?;
-    }
-    if step_cfg.mixed_precision != MixedPrecision::No && !device.is_cuda() {
-        anyhow::bail!("--mixed-precision {}: CUDA only", step_cfg.mixed_precision);
-    }
-    if step_cfg.mixed_precision != MixedPrecision::No && dtype != DType::F32 {
-        anyhow::bail!("mixed precision keeps float32 master weights: use dtype f32");
-    }
+    let step_cfg = cfg.step_config();
     let checkpointing = step_cfg.checkpointing;
     let mixed = step_cfg.mixed_precision;
     let mut trainer = VaeTrainer::new(step_cfg, &model, opt, sched)?;

@@ -146,7 +146,7 @@ pub struct VaeTrainer {
     ema: Ema,
     adaptive: AdaptiveWeights,
     skipped: u64,
-    /// fp16 only.
+    /// fp16 only: created by the first fp16 step (or restored with the state).
     scaler: Option<LossScaler>,
 }
 
@@ -260,7 +260,6 @@ impl VaeTrainer {
         let params = vae_params(model);
         let ema = Ema::new(config.ema_decay, params.clone())?;
         let adaptive = AdaptiveWeights::new(config.adaptive_weights, config.adaptive_window);
-        let scaler = (config.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
         Ok(Self {
             config,
             params,
@@ -269,7 +268,7 @@ impl VaeTrainer {
             ema,
             adaptive,
             skipped: 0,
-            scaler,
+            scaler: None,
         })
     }
 
@@ -316,9 +315,10 @@ impl VaeTrainer {
         }
         let norm = s.grad_norm / scale;
         if fp16 && !norm.is_finite() && s.total.is_finite() {
+            // Part of finding the loss scale (GradScaler's skipped step), not a bad batch: it
+            // is not counted with the skipped batches.
             let scaler = self.scaler.as_mut().expect("fp16 has a loss scaler");
             scaler.update(true);
-            self.skipped += 1;
             return Ok(StepOutcome::Skipped(Skip::GradientOverflow {
                 new_scale: scaler.scale,
             }));

@@ -25,7 +25,7 @@ use crate::train::loss::kl_beta;
 use crate::train::metrics::{MetricsLog, Session};
 use crate::train::run_dir::RunDir;
 use crate::train::sample::{write_samples, Template};
-use crate::train::step::{StepOutcome, VaeTrainer};
+use crate::train::step::{Skip, StepOutcome, VaeTrainer};
 
 /// Everything a session of training holds.
 pub(super) struct Run {
@@ -285,6 +285,10 @@ impl Run {
                     n.vae_avg.push(m.recon);
                     n.kl_avg.push(m.kl);
                     (Some(m.recon), Some(m.kl))
+                }
+                StepOutcome::Skipped(why @ Skip::GradientOverflow { .. }) => {
+                    ev.log(Level::Info, &format!("step {}: {why}", n.global_step));
+                    (None, None)
                 }
                 StepOutcome::Skipped(why) => {
                     let files: Vec<String> = batch
