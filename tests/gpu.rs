@@ -163,56 +163,68 @@ fn three_training_steps_on_gpu_follow_cpu_f32() {
     assert!(all < 1e-4, "all weights together: relative L2 {all:e}");
 }
 
-/// Value and gradients of `f(x, w)` against a random cotangent, on `dev` in `dtype`.
+/// The value of `f(inputs)` and each input's gradient against the cotangent `r`, computed on
+/// `dev` in `dtype`, as float32 CPU tensors: [value, d input 0, d input 1, ...].
 fn value_and_grads(
-    f: &dyn Fn(&Tensor, &Tensor) -> Tensor,
-    x: &Tensor,
-    w: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+    inputs: &[&Tensor],
     r: &Tensor,
     dtype: DType,
     dev: &Device,
-) -> [Tensor; 3] {
-    let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap();
-    let wv = Var::from_tensor(&w.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap();
-    let y = f(xv.as_tensor(), wv.as_tensor());
-    let r = r.to_dtype(dtype).unwrap().to_device(dev).unwrap();
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+) -> Vec<Tensor> {
+    let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&on(t)).unwrap())
+        .collect();
+    let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&args);
+    let g = (&y * &on(r))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let back = |t: &Tensor| {
         t.to_dtype(DType::F32)
             .unwrap()
             .to_device(&Device::Cpu)
             .unwrap()
     };
-    [
-        back(&y),
-        back(g.get(xv.as_tensor()).expect("input gradient")),
-        back(g.get(wv.as_tensor()).expect("weight gradient")),
-    ]
+    std::iter::once(back(&y))
+        .chain(
+            vars.iter()
+                .map(|v| back(g.get(v.as_tensor()).expect("a gradient"))),
+        )
+        .collect()
 }
 
-fn compare_conv(
-    name: &str,
-    f: &dyn Fn(&Tensor, &Tensor) -> Tensor,
-    xs: (usize, usize, usize, usize),
-    ws: (usize, usize, usize, usize),
+/// Checks `f` on the GPU against the CPU, value and every input's gradient (relative L2): in
+/// float32 within 1e-5, in bfloat16 within 1e-2. The CPU computes in the same dtype where its
+/// op has one (`cpu_bf16`), else in float32.
+fn check_against_cpu(
+    what: &str,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+    inputs: &[&Tensor],
+    cpu_bf16: bool,
 ) {
-    let dev = gpu();
-    let cpu = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, xs, &cpu).unwrap();
-    let w = Tensor::randn(0f32, 0.2, ws, &cpu).unwrap();
-    let y = f(&x, &w);
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    let y = f(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
     let r = Tensor::randn(0f32, 1.0, y.dims(), &cpu).unwrap();
-    let want = value_and_grads(f, &x, &w, &r, DType::F32, &cpu);
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-        let got = value_and_grads(f, &x, &w, &r, dtype, &dev);
-        for (part, (g, c)) in ["value", "input gradient", "weight gradient"]
-            .iter()
-            .zip(got.iter().zip(&want))
-        {
-            let err = rel_l2(g, c);
+        let cpu_dtype = if cpu_bf16 { dtype } else { DType::F32 };
+        let want = value_and_grads(f, inputs, &r, cpu_dtype, &cpu);
+        let got = value_and_grads(f, inputs, &r, dtype, &dev);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let part = if i == 0 {
+                "value".to_string()
+            } else {
+                format!("gradient {}", i - 1)
+            };
+            let e = rel_l2(g, w);
             assert!(
-                err < tol,
-                "{name} {dtype:?} {part}: relative L2 {err:e} > {tol:e}"
+                e < tol,
+                "{what} {dtype:?} {part}: relative L2 {e:e} > {tol:e}"
             );
         }
     }
@@ -220,6 +232,9 @@ fn compare_conv(
 
 #[test]
 fn cudnn_convolutions_match_cpu() {
+    let cpu = Device::Cpu;
+    let randn =
+        |dims: (usize, usize, usize, usize), sd: f32| Tensor::randn(0f32, sd, dims, &cpu).unwrap();
     // (kernel, stride, padding, dilation, input h, input w): the model's layers and odd cases.
     for (k, s, p, d, h, w) in [
         (3, 1, 1, 1, 9, 12),
@@ -228,13 +243,11 @@ fn cudnn_convolutions_match_cpu() {
         (1, 1, 0, 1, 3, 5),
         (4, 2, 1, 1, 15, 8),
     ] {
-        let f = move |x: &Tensor, wt: &Tensor| fluxflow::kernels::conv2d(x, wt, p, s, d).unwrap();
-        compare_conv(
-            &format!("conv2d k{k} s{s} p{p} d{d} {h}x{w}"),
-            &f,
-            (2, 5, h, w),
-            (6, 5, k, k),
-        );
+        let f = move |t: &[Tensor]| fluxflow::kernels::conv2d(&t[0], &t[1], p, s, d).unwrap();
+        let (x, wt) = (randn((2, 5, h, w), 1.0), randn((6, 5, k, k), 0.2));
+        let what = format!("conv2d k{k} s{s} p{p} d{d} {h}x{w}");
+        // candle's CPU convolution has no fast bfloat16 path: compare with float32.
+        check_against_cpu(&what, &f, &[&x, &wt], false);
     }
     // (kernel, stride, padding, output padding, dilation): the expander's layers and odd cases.
     for (k, s, p, op, d) in [
@@ -243,23 +256,18 @@ fn cudnn_convolutions_match_cpu() {
         (3, 1, 1, 0, 2),
         (5, 1, 4, 0, 2),
     ] {
-        let f = move |x: &Tensor, wt: &Tensor| {
-            fluxflow::kernels::conv_transpose2d(x, wt, p, op, s, d).unwrap()
+        let f = move |t: &[Tensor]| {
+            fluxflow::kernels::conv_transpose2d(&t[0], &t[1], p, op, s, d).unwrap()
         };
-        compare_conv(
-            &format!("conv_transpose2d k{k} s{s} p{p} op{op} d{d}"),
-            &f,
-            (2, 5, 7, 6),
-            (5, 3, k, k),
-        );
+        let (x, wt) = (randn((2, 5, 7, 6), 1.0), randn((5, 3, k, k), 0.2));
+        let what = format!("conv_transpose2d k{k} s{s} p{p} op{op} d{d}");
+        check_against_cpu(&what, &f, &[&x, &wt], false);
     }
 }
 
 #[test]
 fn fused_bezier_kernel_matches_cpu() {
     use fluxflow::model::{BezierActivation, PreAct};
-    let dev = gpu();
-    let cpu = Device::Cpu;
     let kinds = [PreAct::Sigmoid, PreAct::Silu, PreAct::Tanh, PreAct::None];
     for dims in [
         &[2usize, 10, 7, 9][..],
@@ -267,36 +275,13 @@ fn fused_bezier_kernel_matches_cpu() {
         &[3, 4, 15],
         &[6, 20],
     ] {
+        let x = Tensor::randn(0f32, 1.5, dims, &Device::Cpu).unwrap();
         for t_pre in kinds {
             for p_pre in kinds {
                 let act = BezierActivation::new(t_pre, p_pre);
-                let x = Tensor::randn(0f32, 1.5, dims, &cpu).unwrap();
-                let y = act.forward(&x).unwrap();
-                let r = Tensor::randn(0f32, 1.0, y.dims(), &cpu).unwrap();
-                let grads = |dtype: DType, d: &Device| {
-                    let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(d).unwrap())
-                        .unwrap();
-                    let y = act.forward(xv.as_tensor()).unwrap();
-                    let rr = r.to_dtype(dtype).unwrap().to_device(d).unwrap();
-                    let g = (&y * &rr).unwrap().sum_all().unwrap().backward().unwrap();
-                    let back = |t: &Tensor| {
-                        t.to_dtype(DType::F32)
-                            .unwrap()
-                            .to_device(&Device::Cpu)
-                            .unwrap()
-                    };
-                    (back(&y), back(g.get(xv.as_tensor()).unwrap()))
-                };
-                for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-                    // The CPU op in the same dtype: same inputs, same float32 arithmetic.
-                    let (y0, g0) = grads(dtype, &cpu);
-                    let (y1, g1) = grads(dtype, &dev);
-                    let (ey, eg) = (rel_l2(&y1, &y0), rel_l2(&g1, &g0));
-                    assert!(
-                        ey < tol && eg < tol,
-                        "{dims:?} {t_pre:?}/{p_pre:?} {dtype:?}: value {ey:e}, gradient {eg:e}"
-                    );
-                }
+                let f = move |t: &[Tensor]| act.forward(&t[0]).unwrap();
+                let what = format!("Bezier {dims:?} {t_pre:?}/{p_pre:?}");
+                check_against_cpu(&what, &f, &[&x], true);
             }
         }
     }
@@ -421,34 +406,16 @@ fn bf16_training_follows_f32_for_50_steps() {
 
 #[test]
 fn fused_softmax_kernel_matches_cpu() {
-    let dev = gpu();
-    let cpu = Device::Cpu;
     for dims in [&[2usize, 8, 64, 64][..], &[3, 1], &[5, 4097]] {
-        let x = Tensor::randn(0f32, 3.0, dims, &cpu).unwrap();
-        let r = Tensor::randn(0f32, 1.0, dims, &cpu).unwrap();
-        let run = |dtype: DType, d: &Device| {
-            let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(d).unwrap()).unwrap();
-            let y = softmax_last(xv.as_tensor()).unwrap();
-            let rr = r.to_dtype(dtype).unwrap().to_device(d).unwrap();
-            let g = (&y * &rr).unwrap().sum_all().unwrap().backward().unwrap();
-            let back = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();
-            (back(&y), back(g.get(xv.as_tensor()).unwrap()))
-        };
-        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-            let ((y0, g0), (y1, g1)) = (run(dtype, &cpu), run(dtype, &dev));
-            let (ey, eg) = (rel_l2(&y1, &y0), rel_l2(&g1, &g0));
-            assert!(
-                ey < tol && eg < tol,
-                "{dims:?} {dtype:?}: value {ey:e}, gradient {eg:e}"
-            );
-        }
+        let x = Tensor::randn(0f32, 3.0, dims, &Device::Cpu).unwrap();
+        let f = |t: &[Tensor]| softmax_last(&t[0]).unwrap();
+        check_against_cpu(&format!("softmax {dims:?}"), &f, &[&x], true);
     }
 }
 
 #[test]
 fn fused_group_norm_kernel_matches_cpu() {
     use fluxflow::kernels::group_norm::group_norm;
-    let dev = gpu();
     let cpu = Device::Cpu;
     for (dims, groups) in [
         (&[2usize, 96, 33, 17][..], 8),
@@ -460,37 +427,13 @@ fn fused_group_norm_kernel_matches_cpu() {
         let x = (Tensor::randn(0f32, 2.0, dims, &cpu).unwrap() + 0.7).unwrap();
         let w = Tensor::randn(1f32, 0.3, c, &cpu).unwrap();
         let b = Tensor::randn(0f32, 0.3, c, &cpu).unwrap();
-        let r = Tensor::randn(0f32, 1.0, dims, &cpu).unwrap();
-        let run = |dtype: DType, d: &Device| {
-            let v = |t: &Tensor| {
-                Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(d).unwrap()).unwrap()
-            };
-            let (xv, wv, bv) = (v(&x), v(&w), v(&b));
-            let y =
-                group_norm(xv.as_tensor(), groups, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
-            let rr = r.to_dtype(dtype).unwrap().to_device(d).unwrap();
-            let g = (&y * &rr).unwrap().sum_all().unwrap().backward().unwrap();
-            let back = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();
-            [
-                back(&y),
-                back(g.get(xv.as_tensor()).unwrap()),
-                back(g.get(wv.as_tensor()).unwrap()),
-                back(g.get(bv.as_tensor()).unwrap()),
-            ]
-        };
-        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-            let (want, got) = (run(dtype, &cpu), run(dtype, &dev));
-            for (part, (g, w)) in ["value", "dx", "dgamma", "dbeta"]
-                .iter()
-                .zip(got.iter().zip(&want))
-            {
-                let e = rel_l2(g, w);
-                assert!(
-                    e < tol,
-                    "{dims:?}/{groups} {dtype:?} {part}: relative L2 {e:e}"
-                );
-            }
-        }
+        let f = move |t: &[Tensor]| group_norm(&t[0], groups, &t[1], &t[2], 1e-5).unwrap();
+        check_against_cpu(
+            &format!("GroupNorm {dims:?}/{groups}"),
+            &f,
+            &[&x, &w, &b],
+            true,
+        );
     }
 }
 
