@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -40,9 +40,11 @@ impl Default for LoaderConfig {
 /// One decoded batch: `images` is `[batch_size, 3, height, width]` row-major f32 in [-1, 1]
 /// ((x / 255 - 0.5) / 0.5 of the 8-bit RGB values after the Lanczos resize).
 ///
-/// Files that failed to decode are left out and listed in `bad`, so `batch_size` may be smaller
-/// than the sampler's batch, even 0: such an empty batch is still delivered (with its bucket's
-/// `height` and `width`) so that the caller can count it, skip it and still save its position.
+/// Files that failed to decode are left out, so `batch_size` may be smaller than the sampler's
+/// batch, even 0: such an empty batch is still delivered (with its bucket's `height` and
+/// `width`) so that the caller can count it, skip it and still save its position. A file is
+/// listed in `bad` only at its first failure; from then on it is dropped from the run without
+/// being read again (see [`Loader::unreadable`]).
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub images: Vec<f32>,
@@ -88,6 +90,9 @@ pub struct Loader {
 struct Shared {
     root: PathBuf,
     entries: Vec<Entry>,
+    /// Entries that failed to decode once: never read again.
+    failed: Vec<AtomicBool>,
+    failed_count: AtomicUsize,
     dispatch: Mutex<Dispatch>,
     wake: Condvar,
     stop: AtomicBool,
@@ -118,6 +123,8 @@ impl Loader {
         let shared = Arc::new(Shared {
             root: dataset.root.clone(),
             entries: dataset.entries.clone(),
+            failed: dataset.entries.iter().map(|_| AtomicBool::new(false)).collect(),
+            failed_count: AtomicUsize::new(0),
             dispatch: Mutex::new(Dispatch {
                 sampler,
                 next_seq: 0,
@@ -152,6 +159,26 @@ impl Loader {
     /// given to [`new`](Self::new) before the first): what a checkpoint saves.
     pub fn state(&self) -> SamplerState {
         self.state
+    }
+
+    /// How many of the dataset's images have failed to decode so far (each is dropped from
+    /// the run at its first failure).
+    pub fn unreadable(&self) -> usize {
+        self.shared.failed_count.load(Ordering::SeqCst)
+    }
+
+    /// How many images the dataset lists.
+    pub fn len(&self) -> usize {
+        self.shared.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shared.entries.is_empty()
+    }
+
+    /// Whether every image of the dataset has failed to decode: no batch can ever be filled.
+    pub fn exhausted(&self) -> bool {
+        self.unreadable() >= self.len()
     }
 }
 
@@ -240,6 +267,9 @@ fn build_batch(shared: &Shared, indices: &[usize], after: SamplerState) -> Optio
             });
             continue;
         };
+        if shared.failed[i].load(Ordering::SeqCst) {
+            continue;
+        }
         let path = shared.root.join(&entry.path);
         match load_rgb(&path) {
             Ok(img) => {
@@ -254,10 +284,15 @@ fn build_batch(shared: &Shared, indices: &[usize], after: SamplerState) -> Optio
                 batch.paths.push(path);
                 batch.captions.push(entry.caption.clone());
             }
-            Err(e) => batch.bad.push(BadFile {
-                path,
-                reason: format!("{e:#}"),
-            }),
+            Err(e) => {
+                if !shared.failed[i].swap(true, Ordering::SeqCst) {
+                    shared.failed_count.fetch_add(1, Ordering::SeqCst);
+                    batch.bad.push(BadFile {
+                        path,
+                        reason: format!("{e:#}"),
+                    });
+                }
+            }
         }
     }
     Some(batch)
@@ -291,6 +326,13 @@ fn failed_batch(shared: &Shared, indices: &[usize], after: SamplerState, why: &s
     let mut batch = empty_batch(w, h, after, 0);
     batch.bad = indices
         .iter()
+        .filter(|&&i| {
+            let first = shared.failed.get(i).is_some_and(|f| !f.swap(true, Ordering::SeqCst));
+            if first {
+                shared.failed_count.fetch_add(1, Ordering::SeqCst);
+            }
+            first
+        })
         .map(|&i| BadFile {
             path: shared
                 .entries

@@ -220,6 +220,8 @@ impl Run {
         let max_runtime = self.cfg.max_runtime();
         let mut steps_this_session = 0;
         let mut recent = Duration::ZERO;
+        // Empty batches in a row (every image of each failed to decode).
+        let mut empty_streak = 0u64;
         let reason = loop {
             if n.global_step >= total {
                 break if total < planned {
@@ -246,8 +248,26 @@ impl Run {
             }
             n.sampler = batch.state_after();
             if batch.is_empty() {
+                empty_streak += 1;
+                if loader.exhausted() {
+                    bail!(
+                        "no readable image remains in {}: all {} images failed to decode",
+                        self.dataset.root.display(),
+                        loader.len()
+                    );
+                }
+                if empty_streak >= spe.max(1) {
+                    bail!(
+                        "no batch could be filled for a whole epoch ({empty_streak} batches): \
+                         {} of the {} images in {} failed to decode",
+                        loader.unreadable(),
+                        loader.len(),
+                        self.dataset.root.display()
+                    );
+                }
                 continue;
             }
+            empty_streak = 0;
             n.global_step += 1;
             steps_this_session += 1;
             let t0 = Instant::now();

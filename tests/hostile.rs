@@ -1,0 +1,162 @@
+//! Hostile and careless input through the binary: every case ends in bounded time with a clear
+//! error (or a warning) that names its source, and nothing is lost.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fluxflow-hostile-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `cmd` to its end, failing the test (and killing the process) after `limit`.
+fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fluxflow starts");
+    // Drain both pipes on threads so that a chatty process cannot block on a full pipe.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = t_err.join().unwrap();
+            let tail = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(2000)..])
+                .into_owned();
+            panic!(
+                "still running after {limit:?} ({} bytes of stderr); its tail:\n{tail}",
+                stderr.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    run_within(cmd, Duration::from_secs(120))
+}
+
+/// A tiny model's configuration training on `data` into `dir/run`.
+fn config(dir: &Path, data: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        "model: {{vae_dim: 8, feature_maps_dim: 8, text_embedding_dim: 8, vae_attn_layers: 1,
+         vae_attn_heads: 2, flow_heads: 2, flow_layers: 1, text_hidden: 8,
+         use_gradient_checkpointing: false}}
+data:
+  data_path: {}
+training:
+  n_epochs: 2
+  batch_size: 2
+  workers: 1
+  lr: 0.001
+  seed: 3
+{extra}
+output:
+  output_path: {}
+  log_interval: 1
+  checkpoint_save_interval: 2
+  samples_per_checkpoint: 100
+  keep_last: 3
+",
+        data.display(),
+        dir.join("run").display()
+    );
+    let p = dir.join("config.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `n` 32x32 PNG images in `dir`.
+fn images(dir: &Path, n: u32) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("img{i}.png"));
+            image::RgbImage::from_fn(32, 32, |x, y| {
+                image::Rgb([(x * 8) as u8, (y * 8) as u8, (i * 40) as u8])
+            })
+            .save(&p)
+            .unwrap();
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn a_folder_whose_only_image_is_cut_off_is_an_error_not_a_hang() {
+    let dir = tmpdir("cutoff");
+    let data = dir.join("data");
+    let good = images(&dir.join("good"), 1).remove(0);
+    std::fs::create_dir_all(&data).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    // A valid PNG header (the scan reads the size) and a body cut off after 42 bytes.
+    std::fs::write(data.join("t.png"), &bytes[..42]).unwrap();
+    let cfg = config(&dir, &data, "");
+    let o = run_within(
+        bin().args(["train", "--config", cfg.to_str().unwrap()]),
+        Duration::from_secs(60),
+    );
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("no readable image remains") && t.contains(&data.display().to_string()),
+        "{t}"
+    );
+    // Named once, not once per attempt.
+    assert_eq!(t.matches("skipping").count(), 1, "{t}");
+    assert!(!dir.join("run/checkpoints/step-00000001").exists());
+}
+
+#[test]
+fn a_bad_image_among_good_ones_is_named_once_and_dropped() {
+    let dir = tmpdir("onebad");
+    let data = dir.join("data");
+    let good = images(&data, 3);
+    let bytes = std::fs::read(&good[0]).unwrap();
+    std::fs::write(data.join("t.png"), &bytes[..42]).unwrap();
+    // Two epochs of 2 batches each: the cut-off image is drawn in both, named once.
+    let cfg = config(&dir, &data, "");
+    let o = run(bin().args(["train", "--config", cfg.to_str().unwrap()]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert_eq!(t.matches("skipping").count(), 1, "{t}");
+    assert!(t.contains("1 unreadable file"), "{t}");
+}
