@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,20 +16,178 @@ use crate::params::ParamStore;
 /// File name of the text projection beside a model file (the reference's name).
 pub const TEXT_FILE: &str = "text_encoder.safetensors";
 
-/// Every tensor of a safetensors file, on the CPU in its stored dtype. Errors name the file.
+/// The longest safetensors header we read (the format's own limit: 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Every tensor of a safetensors file, on the CPU in its stored dtype. Errors name the file,
+/// and the tensor where one is at fault.
+///
+/// Memory is bounded by the file, never by what its header claims: the header's length is
+/// checked against the file's size before it is read, and every tensor's dtype, shape and byte
+/// range against the data section before its bytes are read (one tensor at a time, so the peak
+/// is the tensors returned plus one tensor's bytes). Only floating-point tensors are accepted (a
+/// model, its optimizer moments and its EMA are never integers), and a name listed twice is an
+/// error naming it.
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if bytes.is_empty() {
-        bail!("{} is empty, not a safetensors checkpoint", path.display());
-    }
-    safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+    let mut file =
+        fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    let bad = |why: String| {
         anyhow!(
-            "{} is not a valid safetensors file (truncated or another format): {e}",
+            "{} is not a valid safetensors file (truncated or another format): {why}",
             path.display()
         )
-    })?;
-    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .with_context(|| format!("cannot decode the tensors of {}", path.display()))
+    };
+    if len == 0 {
+        bail!("{} is empty, not a safetensors checkpoint", path.display());
+    }
+    if len < 8 {
+        return Err(bad(format!("{len} bytes, fewer than its 8-byte header length")));
+    }
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n > len - 8 {
+        return Err(bad(format!(
+            "its header claims {n} bytes, the file has {} after the length (at most {MAX_HEADER} \
+             are allowed)",
+            len - 8
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let entries = parse_header(&header, len - 8 - n).map_err(|e| bad(format!("{e:#}")))?;
+    let data_start = 8 + n;
+    let mut out = HashMap::with_capacity(entries.len());
+    for e in entries {
+        let mut bytes = vec![0u8; (e.end - e.begin) as usize];
+        file.seek(SeekFrom::Start(data_start + e.begin))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .with_context(|| format!("cannot read tensor {} of {}", e.name, path.display()))?;
+        let t = Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, &Device::Cpu)
+            .with_context(|| format!("cannot decode tensor {} of {}", e.name, path.display()))?;
+        out.insert(e.name, t);
+    }
+    Ok(out)
+}
+
+/// One tensor of a safetensors header, checked: `begin..end` lies in the data section and holds
+/// exactly `shape` of `dtype`.
+struct HeaderEntry {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    begin: u64,
+    end: u64,
+}
+
+/// A JSON object's entries in file order, duplicates kept (serde's maps drop them silently).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensors")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = map.next_entry()? {
+                    v.push(e);
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// Parses and checks a header against a data section of `data_len` bytes: the tensors in data
+/// order, their ranges covering the section without gap or overlap.
+fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<HeaderEntry>> {
+    let Entries(raw) = serde_json::from_slice(header).context("its header is not a JSON object")?;
+    let mut seen = std::collections::HashSet::new();
+    let mut entries = Vec::with_capacity(raw.len());
+    for (name, value) in raw {
+        if !seen.insert(name.clone()) {
+            bail!("tensor {name} is listed twice in its header");
+        }
+        if name == "__metadata__" {
+            continue;
+        }
+        let r: RawEntry = serde_json::from_value(value)
+            .with_context(|| format!("tensor {name}: malformed header entry"))?;
+        let (dtype, size) = match r.dtype.as_str() {
+            "F64" => (DType::F64, 8),
+            "F32" => (DType::F32, 4),
+            "BF16" => (DType::BF16, 2),
+            "F16" => (DType::F16, 2),
+            other => bail!(
+                "tensor {name} is stored as {other}; a FluxFlow checkpoint holds floating-point \
+                 tensors only (F32, F64, BF16, F16)"
+            ),
+        };
+        let [begin, end] = r.data_offsets;
+        let elements = r
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|&e| e <= data_len)
+            .ok_or_else(|| {
+                anyhow!("tensor {name}: shape {:?} is larger than the file", r.shape)
+            })?;
+        if begin > end || end > data_len || end - begin != elements * size {
+            bail!(
+                "tensor {name}: bytes {begin}..{end} do not hold {:?} of {} within the {data_len} \
+                 bytes of data",
+                r.shape,
+                r.dtype
+            );
+        }
+        let shape = r.shape.iter().map(|&d| d as usize).collect();
+        entries.push(HeaderEntry {
+            name,
+            dtype,
+            shape,
+            begin,
+            end,
+        });
+    }
+    entries.sort_by_key(|e| (e.begin, e.end));
+    let mut at = 0;
+    for e in &entries {
+        if e.begin != at {
+            bail!(
+                "tensor {}: its bytes start at {} where the previous tensor's end at {at} (a gap \
+                 or an overlap)",
+                e.name,
+                e.begin
+            );
+        }
+        at = e.end;
+    }
+    if at != data_len {
+        bail!("its tensors cover {at} of the {data_len} bytes of data");
+    }
+    Ok(entries)
 }
 
 fn dims<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Option<&'a [usize]> {
@@ -86,6 +244,31 @@ pub fn detect_config(t: &HashMap<String, Tensor>) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// Refuses tensors holding NaN or infinity, naming the first such tensor (by name order) and
+/// how many of its values are not finite: weights like that are damaged or come from a run
+/// that diverged, and a model built from them computes nothing useful.
+pub fn check_finite(tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        // x - x is 0 for every finite x and NaN for NaN and infinities.
+        let probe = (t - t)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if probe.is_finite() {
+            continue;
+        }
+        let values = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        bail!(
+            "{}: tensor {name} has {bad} non-finite values (NaN or infinity) of {}; the weights \
+             are damaged or come from a run that diverged",
+            source.display(),
+            values.len()
+        );
+    }
+    Ok(())
+}
+
 /// A model loaded from a checkpoint, and where its text projection came from.
 pub struct Loaded {
     pub model: FluxModel,
@@ -96,16 +279,20 @@ pub struct Loaded {
 /// Loads a model file (and its text projection: from the same file if it holds
 /// `text_encoder.*`, else from `text_encoder.safetensors` beside it, else fresh). Every
 /// `diffuser.*` tensor must be there with the right shape and no other `diffuser.*` tensor may
-/// be; tensors under other prefixes are ignored.
+/// be; tensors under other prefixes are ignored. Non-finite weights are refused
+/// ([`check_finite`]).
 pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let mut tensors = read_tensors(path)?;
+    check_finite(&tensors, path)?;
     let mut text_source = None;
     if tensors.keys().any(|k| k.starts_with(TEXT)) {
         text_source = Some(path.to_path_buf());
     } else {
         let beside = path.with_file_name(TEXT_FILE);
         if beside.is_file() && beside != path {
-            for (k, v) in read_tensors(&beside)? {
+            let text = read_tensors(&beside)?;
+            check_finite(&text, &beside)?;
+            for (k, v) in text {
                 if k.starts_with(TEXT) {
                     tensors.insert(k, v);
                 }

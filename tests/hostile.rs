@@ -1,10 +1,16 @@
 //! Hostile and careless input through the binary: every case ends in bounded time with a clear
 //! error (or a warning) that names its source, and nothing is lost.
 
+mod common;
+
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use common::parity;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fluxflow"))
@@ -159,4 +165,144 @@ fn a_bad_image_among_good_ones_is_named_once_and_dropped() {
     assert!(o.status.success(), "{t}");
     assert_eq!(t.matches("skipping").count(), 1, "{t}");
     assert!(t.contains("1 unreadable file"), "{t}");
+}
+
+/// tiny16's model with `f` applied to each `diffuser.*` tensor, saved as `path`.
+fn model_variant(path: &Path, f: impl Fn(&str, &Tensor) -> Tensor) {
+    let tensors = fluxflow::checkpoint::read_tensors(&parity("tiny16.safetensors")).unwrap();
+    let changed: HashMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("diffuser."))
+        .map(|(k, t)| (k.clone(), f(k, t)))
+        .collect();
+    candle_core::safetensors::save(&changed, path).unwrap();
+}
+
+fn reconstruct(dir: &Path, ckpt: &Path) -> Output {
+    let img = dir.join("in.png");
+    image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8 * 8, y as u8 * 8, 9]))
+        .save(&img)
+        .unwrap();
+    run(bin().args([
+        "reconstruct",
+        img.to_str().unwrap(),
+        "-c",
+        ckpt.to_str().unwrap(),
+        "-o",
+        dir.join("out.png").to_str().unwrap(),
+    ]))
+}
+
+#[test]
+fn a_checkpoint_of_integer_tensors_is_refused_naming_a_tensor() {
+    let dir = tmpdir("int-ckpt");
+    let ckpt = dir.join("int.safetensors");
+    model_variant(&ckpt, |_, t| t.to_dtype(DType::I64).unwrap());
+    let o = reconstruct(&dir, &ckpt);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("int.safetensors") && t.contains("is stored as I64") && t.contains("diffuser."),
+        "{t}"
+    );
+    assert!(!dir.join("out.png").exists());
+    let o = run(bin().args(["info", ckpt.to_str().unwrap()]));
+    assert!(!o.status.success() && text(&o).contains("is stored as I64"), "{}", text(&o));
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    let dir = tmpdir("nan-ckpt");
+    let ckpt = dir.join("nan.safetensors");
+    let victim = "diffuser.compressor.latent_proj.0.0.weight";
+    model_variant(&ckpt, |k, t| {
+        if k == victim {
+            (t * f64::NAN).unwrap()
+        } else {
+            t.clone()
+        }
+    });
+    let o = reconstruct(&dir, &ckpt);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains(victim) && t.contains("non-finite"), "{t}");
+    assert!(!dir.join("out.png").exists());
+}
+
+/// A safetensors file from its header JSON and data bytes.
+fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+#[test]
+fn a_duplicated_tensor_name_is_reported_as_duplicated() {
+    let dir = tmpdir("dup");
+    let p = dir.join("dup.safetensors");
+    let header = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+    std::fs::write(&p, raw_safetensors(header, &[0u8; 12])).unwrap();
+    let o = run(bin().args(["info", p.to_str().unwrap()]));
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("tensor a is listed twice") && t.contains("dup.safetensors"), "{t}");
+}
+
+#[test]
+fn a_huge_file_of_zeros_is_refused_without_reading_it() {
+    let dir = tmpdir("zeros");
+    let p = dir.join("zeros.safetensors");
+    // 3 GB, sparse: header length 0, then nothing.
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(3 << 30).unwrap();
+    drop(f);
+    let o = run_within(
+        bin().args(["info", p.to_str().unwrap()]),
+        Duration::from_secs(20),
+    );
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("zeros.safetensors") && t.contains("not a valid safetensors"), "{t}");
+    // The reader's memory bound itself is tested with a counting allocator in
+    // tests/checkpoint_reader.rs.
+}
+
+#[test]
+fn a_disk_full_before_the_first_checkpoint_says_no_checkpoint_exists() {
+    let dir = tmpdir("diskfull-first");
+    let data = dir.join("data");
+    images(&data, 4);
+    let cfg = config(&dir, &data, "");
+    let o = run(bin()
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("FLUXFLOW_INJECT_WRITE_FAILURE", "trainer.safetensors"));
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("No space left on device"), "{t}");
+    assert!(t.contains("no earlier checkpoint of this run exists"), "{t}");
+    assert!(!t.contains("is intact"), "{t}");
+}
+
+#[test]
+fn a_state_file_beyond_its_folder_makes_resume_fall_back_with_a_warning() {
+    let dir = tmpdir("state999");
+    let data = dir.join("data");
+    images(&data, 8);
+    let cfg = config(&dir, &data, "");
+    let o = run(bin().args(["train", "--config", cfg.to_str().unwrap(), "--max-steps", "4"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let newest = dir.join("run/checkpoints/step-00000004/state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&newest).unwrap()).unwrap();
+    state["loop"]["global_step"] = 999.into();
+    std::fs::write(&newest, serde_json::to_vec(&state).unwrap()).unwrap();
+    let o = run(bin().args(["resume", "--output", dir.join("run").to_str().unwrap()]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("global_step 999") && t.contains("falling back") && t.contains("at step 2 of 4"),
+        "{t}"
+    );
+    assert!(t.contains("at step 4/4"), "{t}");
 }

@@ -287,7 +287,9 @@ fn a_failed_checkpoint_write_is_an_error_and_keeps_the_previous_one() {
     assert!(!o.status.success());
     let t = text(&o);
     assert!(
-        t.contains("No space left on device") && t.contains("previous checkpoint is intact"),
+        t.contains("No space left on device")
+            && t.contains("the previous checkpoint (step 4,")
+            && t.contains("is intact"),
         "{t}"
     );
     let r = dir.join("run");

@@ -158,8 +158,14 @@ impl RunDir {
         })();
         if let Err(e) = result {
             let _ = fs::remove_dir_all(&partial);
+            let previous = match self.list().unwrap_or_default().first() {
+                Some((s, p)) => format!("the previous checkpoint (step {s}, {}) is intact", p.display()),
+                None => "no earlier checkpoint of this run exists, so there is nothing to resume \
+                         from yet"
+                    .to_string(),
+            };
             return Err(e.context(format!(
-                "cannot write the checkpoint of step {step} in {}; the previous checkpoint is intact",
+                "cannot write the checkpoint of step {step} in {}; {previous}",
                 dir.display()
             )));
         }

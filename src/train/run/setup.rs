@@ -10,7 +10,7 @@ use super::events::{Events, Level};
 use super::state::LoopState;
 use super::step_loop::Run;
 use super::{RunSummary, StopSignal};
-use crate::checkpoint::{read_tensors, write_atomic, TEXT_FILE};
+use crate::checkpoint::{check_finite, read_tensors, write_atomic, TEXT_FILE};
 use crate::config::{Config, OptimFile, Overrides};
 use crate::data::{scan, synthetic, BatchSampler, Dataset};
 use crate::device::parse_device;
@@ -18,7 +18,7 @@ use crate::model::{FluxModel, DIFFUSER, TEXT};
 use crate::params::ParamStore;
 use crate::train::metrics::{MetricsLog, Session};
 use crate::train::optim;
-use crate::train::run_dir::{RunDir, CONFIG_FILE};
+use crate::train::run_dir::{RunDir, CONFIG_FILE, STATE_FILE};
 use crate::train::sample::load_templates;
 use crate::train::schedule::Scheduler;
 use crate::train::step::{vae_params, VaeTrainer};
@@ -370,9 +370,36 @@ fn restore(
             .ok_or_else(|| anyhow!("no loop state in {}", ckpt.display()))?,
     )
     .with_context(|| format!("cannot read the loop state of {}", ckpt.display()))?;
-    let mut tensors = read_tensors(&ckpt.join(MODEL_FILE))?;
-    tensors.extend(read_tensors(&ckpt.join(TEXT_FILE))?);
-    let trainer_tensors = read_tensors(&ckpt.join(TRAINER_FILE))?;
+    let folder_step = ckpt
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<u64>().ok());
+    if folder_step.is_some_and(|s| s != state.global_step) {
+        bail!(
+            "{} says global_step {}, but the folder holds step {}",
+            ckpt.join(STATE_FILE).display(),
+            state.global_step,
+            folder_step.unwrap_or_default()
+        );
+    }
+    if state.global_step > state.total_steps {
+        bail!(
+            "{} says global_step {}, beyond the run's {} steps",
+            ckpt.join(STATE_FILE).display(),
+            state.global_step,
+            state.total_steps
+        );
+    }
+    let read = |file: &str| -> Result<HashMap<String, Tensor>> {
+        let path = ckpt.join(file);
+        let t = read_tensors(&path)?;
+        check_finite(&t, &path)?;
+        Ok(t)
+    };
+    let mut tensors = read(MODEL_FILE)?;
+    tensors.extend(read(TEXT_FILE)?);
+    let trainer_tensors = read(TRAINER_FILE)?;
     let mut rest: HashMap<String, Tensor> = HashMap::new();
     for (k, t) in trainer_tensors {
         match k.strip_prefix("weights.") {
