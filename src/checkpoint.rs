@@ -45,7 +45,9 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         bail!("{} is empty, not a safetensors checkpoint", path.display());
     }
     if len < 8 {
-        return Err(bad(format!("{len} bytes, fewer than its 8-byte header length")));
+        return Err(bad(format!(
+            "{len} bytes, fewer than its 8-byte header length"
+        )));
     }
     let mut n = [0u8; 8];
     file.read_exact(&mut n)
@@ -151,9 +153,7 @@ fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<HeaderEntry>> {
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&e| e <= data_len)
-            .ok_or_else(|| {
-                anyhow!("tensor {name}: shape {:?} is larger than the file", r.shape)
-            })?;
+            .ok_or_else(|| anyhow!("tensor {name}: shape {:?} is larger than the file", r.shape))?;
         if begin > end || end > data_len || end - begin != elements * size {
             bail!(
                 "tensor {name}: bytes {begin}..{end} do not hold {:?} of {} within the {data_len} \
@@ -253,7 +253,11 @@ pub fn check_finite(tensors: &HashMap<String, Tensor>, source: &Path) -> Result<
     for name in names {
         let t = &tensors[name];
         // 0 * x is 0 for every finite x and NaN for NaN and infinities.
-        let probe = t.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let probe = t
+            .affine(0.0, 0.0)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         if probe.is_finite() {
             continue;
         }

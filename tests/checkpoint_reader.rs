@@ -52,7 +52,10 @@ fn valid_file() -> Vec<u8> {
     let mut t = HashMap::new();
     t.insert(
         "diffuser.a.weight".to_string(),
-        Tensor::arange(0f32, 24., &dev).unwrap().reshape((2, 3, 4)).unwrap(),
+        Tensor::arange(0f32, 24., &dev)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap(),
     );
     t.insert(
         "diffuser.b.bias".to_string(),
@@ -134,7 +137,11 @@ fn damaged_files_never_panic_and_allocate_at_most_a_few_times_their_size() {
             // The header's JSON values, one tensor's bytes and its tensor: a small multiple of
             // the file, plus the fixed cost of a few small allocations.
             let bound = 16 * bytes.len() + 64 * 1024;
-            prop_assert!(peak <= bound, "{d:?}: {peak} bytes allocated for {} bytes", bytes.len());
+            prop_assert!(
+                peak <= bound,
+                "{d:?}: {peak} bytes allocated for {} bytes",
+                bytes.len()
+            );
             Ok(())
         })
         .unwrap();
@@ -149,6 +156,9 @@ fn damaged_files_never_panic_and_allocate_at_most_a_few_times_their_size() {
     drop(head);
     let (ok, peak) = read_measured(&big);
     assert!(!ok);
-    assert!(peak < 1 << 20, "{peak} bytes allocated for a refused header");
+    assert!(
+        peak < 1 << 20,
+        "{peak} bytes allocated for a refused header"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -60,8 +60,8 @@ fn run_within(cmd: &mut Command, limit: Duration) -> Output {
             let _ = child.kill();
             let _ = child.wait();
             let stderr = t_err.join().unwrap();
-            let tail = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(2000)..])
-                .into_owned();
+            let tail =
+                String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(2000)..]).into_owned();
             panic!(
                 "still running after {limit:?} ({} bytes of stderr); its tail:\n{tail}",
                 stderr.len()
@@ -207,7 +207,11 @@ fn a_checkpoint_of_integer_tensors_is_refused_naming_a_tensor() {
     );
     assert!(!dir.join("out.png").exists());
     let o = run(bin().args(["info", ckpt.to_str().unwrap()]));
-    assert!(!o.status.success() && text(&o).contains("is stored as I64"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("is stored as I64"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -246,7 +250,10 @@ fn a_duplicated_tensor_name_is_reported_as_duplicated() {
     let o = run(bin().args(["info", p.to_str().unwrap()]));
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
-    assert!(t.contains("tensor a is listed twice") && t.contains("dup.safetensors"), "{t}");
+    assert!(
+        t.contains("tensor a is listed twice") && t.contains("dup.safetensors"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -263,7 +270,10 @@ fn a_huge_file_of_zeros_is_refused_without_reading_it() {
     );
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
-    assert!(t.contains("zeros.safetensors") && t.contains("not a valid safetensors"), "{t}");
+    assert!(
+        t.contains("zeros.safetensors") && t.contains("not a valid safetensors"),
+        "{t}"
+    );
     // The reader's memory bound itself is tested with a counting allocator in
     // tests/checkpoint_reader.rs.
 }
@@ -280,7 +290,10 @@ fn a_disk_full_before_the_first_checkpoint_says_no_checkpoint_exists() {
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("No space left on device"), "{t}");
-    assert!(t.contains("no earlier checkpoint of this run exists"), "{t}");
+    assert!(
+        t.contains("no earlier checkpoint of this run exists"),
+        "{t}"
+    );
     assert!(!t.contains("is intact"), "{t}");
 }
 
@@ -290,7 +303,13 @@ fn a_state_file_beyond_its_folder_makes_resume_fall_back_with_a_warning() {
     let data = dir.join("data");
     images(&data, 8);
     let cfg = config(&dir, &data, "");
-    let o = run(bin().args(["train", "--config", cfg.to_str().unwrap(), "--max-steps", "4"]));
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--max-steps",
+        "4",
+    ]));
     assert!(o.status.success(), "{}", text(&o));
     let newest = dir.join("run/checkpoints/step-00000004/state.json");
     let mut state: serde_json::Value =
@@ -305,4 +324,153 @@ fn a_state_file_beyond_its_folder_makes_resume_fall_back_with_a_warning() {
         "{t}"
     );
     assert!(t.contains("at step 4/4"), "{t}");
+}
+
+/// Global steps of the metrics rows that carry a training loss, in file order.
+fn metric_steps(run: &Path) -> Vec<u64> {
+    let log = std::fs::read_to_string(run.join("graph/training_metrics.jsonl")).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v["extras"].get("step_vae_loss")?;
+            v["global_step"].as_u64()
+        })
+        .collect()
+}
+
+#[test]
+fn a_second_process_on_a_run_folder_is_refused_and_the_first_keeps_its_metrics_in_order() {
+    let dir = tmpdir("two-writers");
+    let data = dir.join("data");
+    images(&data, 8);
+    let cfg = config(&dir, &data, "");
+    let run_dir = dir.join("run");
+    let mut first = bin()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "training.n_epochs=10",
+            "--set",
+            "output.checkpoint_save_interval=20",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while metric_steps(&run_dir).len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the first run never logged a step"
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run ended early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = first.id().to_string();
+    let attempts: [&[&str]; 3] = [
+        &["train", "--config", cfg.to_str().unwrap(), "--force"],
+        &["train", "--config", cfg.to_str().unwrap()],
+        &["resume", "--output", run_dir.to_str().unwrap()],
+    ];
+    for args in attempts {
+        let o = run(bin().args(args));
+        let t = text(&o);
+        assert!(!o.status.success(), "{args:?}: {t}");
+        assert!(
+            t.contains("in use by process") && t.contains(&pid),
+            "{args:?}: {t}"
+        );
+    }
+    assert!(first.wait().unwrap().success());
+    let steps = metric_steps(&run_dir);
+    assert_eq!(steps, (1..=40).collect::<Vec<u64>>());
+    // The lock went with the process: the folder can be used again.
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--force",
+        "--max-steps",
+        "1",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn configuration_errors_name_the_override_or_the_file_and_the_key() {
+    let dir = tmpdir("config-errors");
+    let base = dir.join("base.yaml");
+    std::fs::write(&base, "data:\n  synthetic: {count: 4}\n").unwrap();
+    let b = base.to_str().unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        ("a.b.c=1", &["--set a.b.c=1", "unknown field `a`"]),
+        (
+            "training.lr=abc",
+            &["--set training.lr=abc", "training.lr", "invalid type"],
+        ),
+        (
+            "training=5",
+            &["--set training=5", "training:", "invalid type"],
+        ),
+        (
+            "model.vae_dim=-5",
+            &["--set model.vae_dim=-5", "model.vae_dim", "-5"],
+        ),
+        (
+            "training.lr=.inf",
+            &["--set training.lr=.inf", "training.lr", "must be finite"],
+        ),
+        (
+            "training.lr=-1",
+            &["--set training.lr=-1", "training.lr must be positive"],
+        ),
+        (
+            "training.lr.x=1",
+            &["--set training.lr.x=1", "training.lr", "invalid type"],
+        ),
+        (
+            "training.lr",
+            &["--set training.lr", "expected section.key=value"],
+        ),
+        ("training.lr=[", &["--set training.lr=[", "not valid YAML"]),
+        (
+            "output.keep_last=0",
+            &["--set output.keep_last=0", "output.keep_last"],
+        ),
+    ];
+    for (set, needles) in cases {
+        let o = run(bin().args(["train", "--config", b, "--set", set]));
+        let t = text(&o);
+        assert!(!o.status.success(), "{set}: {t}");
+        for n in *needles {
+            assert!(t.contains(n), "{set}: expected {n:?} in {t}");
+        }
+        assert!(!t.contains("base.yaml"), "{set}: the file is blamed: {t}");
+        assert!(!t.contains("panicked"), "{set}: {t}");
+    }
+    for key in [
+        "training: {batch_size: -1}",
+        "training: {n_epochs: -1}",
+        "output: {checkpoint_save_interval: -1}",
+        "output: {log_interval: -1}",
+        "training: {lr: .nan}",
+        "training: {kl_beta: -.inf}",
+    ] {
+        std::fs::write(&base, format!("data:\n  synthetic: {{count: 4}}\n{key}\n")).unwrap();
+        let o = run(bin().args(["train", "--config", b]));
+        let t = text(&o);
+        assert!(!o.status.success(), "{key}: {t}");
+        let (section, rest) = key.split_once(": {").unwrap();
+        let name = rest.split(':').next().unwrap();
+        assert!(
+            t.contains("base.yaml") && t.contains(&format!("{section}.{name}")),
+            "{key}: {t}"
+        );
+        assert!(!t.contains("check the key's spelling"), "{key}: {t}");
+    }
 }

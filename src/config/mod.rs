@@ -50,17 +50,24 @@ pub struct Overrides {
 
 impl Config {
     /// Parses YAML text from `source` (a path or "<embedded quickstart>") with overrides.
+    ///
+    /// Every error names where the bad value came from: the file for its own keys, `--set
+    /// KEY=VALUE` for an override (the file is checked alone first, then each `--set` in
+    /// order), and the key's full path (`training.batch_size: invalid value: integer -1 ...`).
+    /// Non-finite numbers (`.inf`, `.nan`) are refused wherever they appear.
     pub fn parse(text: &str, source: &str, overrides: &Overrides) -> Result<Self> {
         let mut tree: Value =
             serde_yaml::from_str(text).with_context(|| format!("{source} is not valid YAML"))?;
         if tree.is_null() {
             tree = Value::Mapping(Default::default());
         }
+        check_finite(&tree, "").map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        let mut cfg = typed(&tree).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
         for s in &overrides.set {
             apply_set(&mut tree, s).with_context(|| format!("--set {s}"))?;
+            check_finite(&tree, "").map_err(|e| anyhow::anyhow!("--set {s}: {e}"))?;
+            cfg = typed(&tree).map_err(|e| anyhow::anyhow!("--set {s}: {e}"))?;
         }
-        let mut cfg: Config = serde_yaml::from_value(tree)
-            .map_err(|e| anyhow::anyhow!("{source}: {e} (check the key's spelling and section)"))?;
         if let Some(d) = &overrides.data {
             cfg.data.data_path = Some(d.clone());
         }
@@ -73,8 +80,18 @@ impl Config {
         if let Some(d) = &overrides.device {
             cfg.training.device = d.clone();
         }
-        cfg.validate()
-            .with_context(|| format!("invalid configuration in {source}"))?;
+        if let Err(e) = cfg.validate() {
+            // Blame the last override of a key the error names, else the file.
+            let msg = format!("{e:#}");
+            let blamed = overrides.set.iter().rev().find(|s| {
+                s.split_once('=')
+                    .is_some_and(|(k, _)| msg.contains(k.trim()))
+            });
+            return Err(match blamed {
+                Some(s) => e.context(format!("invalid configuration: --set {s}")),
+                None => e.context(format!("invalid configuration in {source}")),
+            });
+        }
         Ok(cfg)
     }
 
@@ -273,6 +290,60 @@ impl Config {
             w.push("training.kl_beta = 0: the KL term has no weight.".into());
         }
         w
+    }
+}
+
+/// The tree as a [`Config`]; the error names the key's full path, and for an unknown key
+/// suggests checking its spelling and section.
+fn typed(tree: &Value) -> Result<Config> {
+    serde_path_to_error::deserialize(tree.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let hint = if inner.contains("unknown field") {
+            " (check the key's spelling and section)"
+        } else {
+            ""
+        };
+        if path == "." || path.is_empty() {
+            anyhow::anyhow!("{inner}{hint}")
+        } else {
+            anyhow::anyhow!("{path}: {inner}{hint}")
+        }
+    })
+}
+
+/// Refuses NaN and infinities anywhere in the tree, naming the key.
+fn check_finite(tree: &Value, path: &str) -> Result<()> {
+    match tree {
+        Value::Number(n) if n.as_f64().is_some_and(|v| !v.is_finite()) => {
+            bail!("{path} is {n}; numbers must be finite")
+        }
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                let key = match k {
+                    Value::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                };
+                let sub = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
+                check_finite(v, &sub)?;
+            }
+            Ok(())
+        }
+        Value::Sequence(items) => {
+            for (i, v) in items.iter().enumerate() {
+                check_finite(v, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        Value::Tagged(t) => check_finite(&t.value, path),
+        _ => Ok(()),
     }
 }
 

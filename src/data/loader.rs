@@ -123,7 +123,11 @@ impl Loader {
         let shared = Arc::new(Shared {
             root: dataset.root.clone(),
             entries: dataset.entries.clone(),
-            failed: dataset.entries.iter().map(|_| AtomicBool::new(false)).collect(),
+            failed: dataset
+                .entries
+                .iter()
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             failed_count: AtomicUsize::new(0),
             dispatch: Mutex::new(Dispatch {
                 sampler,
@@ -327,7 +331,10 @@ fn failed_batch(shared: &Shared, indices: &[usize], after: SamplerState, why: &s
     batch.bad = indices
         .iter()
         .filter(|&&i| {
-            let first = shared.failed.get(i).is_some_and(|f| !f.swap(true, Ordering::SeqCst));
+            let first = shared
+                .failed
+                .get(i)
+                .is_some_and(|f| !f.swap(true, Ordering::SeqCst));
             if first {
                 shared.failed_count.fetch_add(1, Ordering::SeqCst);
             }

@@ -37,6 +37,16 @@ fn injected_failure(name: &str) -> bool {
     INJECT_SEEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= skip
 }
 
+/// The lock file of a run folder (see [`RunDir::lock`]).
+pub const LOCK_FILE: &str = ".fluxflow.lock";
+
+/// An exclusive advisory lock on a run folder, held until dropped. The operating system drops
+/// it when the process ends in any way (a crash or `kill -9` included), so it is never stale.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: fs::File,
+}
+
 /// A run's output folder.
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -71,6 +81,47 @@ impl RunDir {
     /// Whether the folder already holds a run (its config copy or a checkpoint).
     pub fn has_run(&self) -> bool {
         self.root.join(CONFIG_FILE).exists() || !self.list().unwrap_or_default().is_empty()
+    }
+
+    /// Takes the folder's exclusive lock (creating the folder if needed): one `train` or
+    /// `resume` writes a run folder at a time. A second process is refused, naming the process
+    /// that holds it, before it changes anything in the folder.
+    pub fn lock(&self) -> Result<RunLock> {
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("cannot create the output folder {}", self.root.display()))?;
+        let path = self.root.join(LOCK_FILE);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = std::io::Read::read_to_string(&mut file, &mut holder);
+                let holder = match holder.trim() {
+                    "" => "another process".to_string(),
+                    pid => format!("process {pid}"),
+                };
+                bail!(
+                    "run folder {} in use by {holder} (a train or resume of it is running); wait \
+                     for it to finish or stop it first",
+                    self.root.display()
+                );
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+        // Who holds it, for the message above; the lock itself is what counts.
+        file.set_len(0)
+            .and_then(|_| file.write_all(std::process::id().to_string().as_bytes()))
+            .and_then(|_| file.flush())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(RunLock { _file: file })
     }
 
     /// Creates the folder structure; the error names the folder.
@@ -159,7 +210,10 @@ impl RunDir {
         if let Err(e) = result {
             let _ = fs::remove_dir_all(&partial);
             let previous = match self.list().unwrap_or_default().first() {
-                Some((s, p)) => format!("the previous checkpoint (step {s}, {}) is intact", p.display()),
+                Some((s, p)) => format!(
+                    "the previous checkpoint (step {s}, {}) is intact",
+                    p.display()
+                ),
                 None => "no earlier checkpoint of this run exists, so there is nothing to resume \
                          from yet"
                     .to_string(),

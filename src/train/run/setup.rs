@@ -174,6 +174,7 @@ pub fn start(
     stop: &StopSignal,
 ) -> Result<RunSummary> {
     let dir = RunDir::new(&cfg.output.output_path);
+    let _lock = dir.lock()?;
     let replace = dir.has_run();
     if replace && !force {
         bail!(
@@ -278,6 +279,7 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
             dir.root.display()
         );
     }
+    let _lock = dir.lock()?;
     let cfg = Config::load(&cfg_path, &Overrides::default())?;
     let (optim, _) = optim_file(&cfg, Some(&dir.root))?;
     let (dataset, templates) = prepare_data(&cfg, &dir, events)?;
