@@ -60,7 +60,15 @@ pub struct ReconstructArgs {
     /// Precision of the computation.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
+    /// Pixel budget: a larger image is scaled down (aspect kept) to at most this many pixels
+    /// before it is reconstructed, with a note. The default is 1024x1024, the largest Phase 1
+    /// training size.
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
 }
+
+/// `reconstruct --max-pixels`' default: 1024 x 1024.
+pub const DEFAULT_MAX_PIXELS: u64 = 1024 * 1024;
 
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {

@@ -71,3 +71,16 @@ pub fn peak_bytes(dev: &Device) -> Result<Option<u64>> {
     .context("reading the memory pool's peak")?;
     Ok(Some(v))
 }
+
+/// Free memory on the device in bytes, as the driver reports it; None off CUDA.
+pub fn free_bytes(dev: &Device) -> Result<Option<u64>> {
+    let Device::Cuda(cuda) = dev else {
+        return Ok(None);
+    };
+    cuda.cuda_stream()
+        .context()
+        .bind_to_thread()
+        .context("binding the CUDA context")?;
+    let (free, _total) = result::mem_get_info().context("reading the device's free memory")?;
+    Ok(Some(free as u64))
+}

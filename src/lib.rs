@@ -15,6 +15,7 @@ pub mod device;
 pub mod gpu;
 pub mod image_io;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod params;

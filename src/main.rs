@@ -20,8 +20,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Reconstruct(args) => {
+            let args_max_pixels = args.max_pixels;
             let r = commands::reconstruct::run(&args)?;
             let (w, h) = r.size;
+            if let Some((w, h)) = r.downscaled {
+                eprintln!(
+                    "note: {}x{} is more than --max-pixels {}; scaled down to {w}x{h} first",
+                    r.input_size.0, r.input_size.1, args_max_pixels
+                );
+            }
             let resized = if r.size != r.input_size {
                 format!(" (resized from {}x{})", r.input_size.0, r.input_size.1)
             } else {

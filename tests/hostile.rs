@@ -474,3 +474,89 @@ fn configuration_errors_name_the_override_or_the_file_and_the_key() {
         assert!(!t.contains("check the key's spelling"), "{key}: {t}");
     }
 }
+
+#[test]
+fn bench_refuses_bad_numbers_and_sizes_that_cannot_fit_before_allocating() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--quickstart", "--steps", "0"], "--steps 0"),
+        (
+            &["--quickstart", "--batch", "0"],
+            "--batch 0: must be at least 1",
+        ),
+        (
+            &["--quickstart", "--width", "0"],
+            "--width 0: must be at least 1",
+        ),
+        (
+            &["--quickstart", "--width", "7"],
+            "--width 7: must be a multiple of",
+        ),
+        (
+            &["--quickstart", "--height", "30"],
+            "--height 30: must be a multiple of",
+        ),
+        // The Phase 1 model: hundreds of GB of activations, refused with the estimate.
+        (&["--height", "100000"], "needs about"),
+    ];
+    for (args, needle) in cases {
+        let o = run_within(
+            bin().arg("bench").args(*args).env("RUST_BACKTRACE", "0"),
+            Duration::from_secs(60),
+        );
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {t}");
+        assert!(t.contains(needle), "{args:?}: expected {needle:?} in {t}");
+        assert!(
+            !t.contains("panicked") && !t.contains("backtrace"),
+            "{args:?}: {t}"
+        );
+    }
+}
+
+#[test]
+fn reconstruct_scales_an_image_beyond_the_pixel_budget_down_with_a_note() {
+    let dir = tmpdir("big-jpeg");
+    let img = dir.join("big.jpg");
+    image::RgbImage::from_fn(4000, 3000, |x, y| {
+        image::Rgb([(x / 16) as u8, (y / 12) as u8, ((x + y) / 28) as u8])
+    })
+    .save(&img)
+    .unwrap();
+    let out = dir.join("out.png");
+    let o = run(bin().args([
+        "reconstruct",
+        img.to_str().unwrap(),
+        "-c",
+        parity("tiny16.safetensors").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-pixels",
+        "20000",
+    ]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("4000x3000 is more than --max-pixels 20000"),
+        "{t}"
+    );
+    let (w, h) = image::image_dimensions(&out).unwrap();
+    assert!(w * h <= 20000 * 5 / 4 && w > h, "{w}x{h}");
+    let o = run(bin().args([
+        "reconstruct",
+        "--max-pixels",
+        "0",
+        img.to_str().unwrap(),
+        "-c",
+        "x",
+    ]));
+    assert!(
+        !o.status.success() && text(&o).contains("--max-pixels 0"),
+        "{}",
+        text(&o)
+    );
+    let help = text(&run(bin().args(["reconstruct", "--help"])));
+    assert!(
+        help.contains("--max-pixels") && help.contains("1048576"),
+        "{help}"
+    );
+}

@@ -29,8 +29,14 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     if args.steps == 0 {
         anyhow::bail!("--steps 0: the benchmark needs at least one timed step");
     }
-    if args.batch == 0 || args.width == 0 || args.height == 0 {
-        anyhow::bail!("--batch, --width and --height must be at least 1");
+    for (flag, v) in [
+        ("--batch", args.batch),
+        ("--width", args.width),
+        ("--height", args.height),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{flag} 0: must be at least 1");
+        }
     }
     // The benchmark's settings go through the configuration, whose checks name them.
     let mut set = Vec::new();
@@ -67,7 +73,41 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     } else {
         DType::F32
     };
-    let model = FluxModel::fresh(&cfg.model_config(), dtype, &device, 0)?;
+    let model_cfg = cfg.model_config();
+    // The VAE halves the image `downscales` times and the expander doubles it back.
+    let multiple = 1usize << model_cfg.downscales;
+    for (flag, v) in [("--width", args.width), ("--height", args.height)] {
+        if v % multiple != 0 {
+            anyhow::bail!(
+                "{flag} {v}: must be a multiple of {multiple} (the model halves it {} times)",
+                model_cfg.downscales
+            );
+        }
+    }
+    let model = FluxModel::fresh(&model_cfg, dtype, &device, 0)?;
+    let act_dtype = cfg.step_config().mixed_precision.compute_dtype(dtype);
+    crate::memory::check_fits(
+        &format!(
+            "a {} of {} image(s) of {}x{}",
+            if args.forward_only {
+                "forward pass"
+            } else {
+                "training step"
+            },
+            args.batch,
+            args.width,
+            args.height
+        ),
+        crate::memory::activation_bytes(
+            &model_cfg,
+            args.batch,
+            args.height,
+            args.width,
+            act_dtype,
+            !args.forward_only,
+        ),
+        &device,
+    )?;
     let spec = optimizer_spec("vae", None, 1e-5)?;
     let opt = optim::build("vae", &spec, vae_params(&model))?;
     let sched = Scheduler::build(

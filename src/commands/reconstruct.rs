@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::DType;
+use image::imageops::FilterType;
+use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -21,6 +23,24 @@ pub struct Report {
     pub input_size: (u32, u32),
     pub size: (u32, u32),
     pub psnr_db: f64,
+    /// Set when the image had more than `--max-pixels` and was scaled down first: its size
+    /// after that.
+    pub downscaled: Option<(u32, u32)>,
+}
+
+/// The image scaled down (aspect kept, Lanczos) to at most `max_pixels`, and its new size if it
+/// was.
+fn within_pixels(img: RgbImage, max_pixels: u64) -> (RgbImage, Option<(u32, u32)>) {
+    let (w, h) = img.dimensions();
+    let pixels = w as u64 * h as u64;
+    if pixels <= max_pixels {
+        return (img, None);
+    }
+    let scale = (max_pixels as f64 / pixels as f64).sqrt();
+    let nw = ((w as f64 * scale).floor() as u32).max(1);
+    let nh = ((h as f64 * scale).floor() as u32).max(1);
+    let small = image::imageops::resize(&img, nw, nh, FilterType::Lanczos3);
+    (small, Some((nw, nh)))
 }
 
 pub fn run(args: &ReconstructArgs) -> Result<Report> {
@@ -29,10 +49,23 @@ pub fn run(args: &ReconstructArgs) -> Result<Report> {
         Precision::F32 => DType::F32,
         Precision::F64 => DType::F64,
     };
+    if args.max_pixels < 256 {
+        bail!(
+            "--max-pixels {}: must be at least 256 (16x16)",
+            args.max_pixels
+        );
+    }
     let original = load_rgb(&args.image)?;
     let input_size = original.dimensions();
+    let (original, downscaled) = within_pixels(original, args.max_pixels);
     let img = to_training_size(original);
     let model = load_model(&args.checkpoint, dtype, &device)?.model;
+    let (w, h) = img.dimensions();
+    crate::memory::check_fits(
+        &format!("reconstructing {} at {w}x{h}", args.image.display()),
+        crate::memory::activation_bytes(&model.config, 1, h as usize, w as usize, dtype, false),
+        &device,
+    )?;
     let x = to_tensor(&img, dtype, &device)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let noise = if args.sample {
@@ -63,5 +96,6 @@ pub fn run(args: &ReconstructArgs) -> Result<Report> {
         input_size,
         size: img.dimensions(),
         psnr_db: psnr(&out_img, &img)?,
+        downscaled,
     })
 }
