@@ -560,3 +560,76 @@ fn reconstruct_scales_an_image_beyond_the_pixel_budget_down_with_a_note() {
         "{help}"
     );
 }
+
+#[test]
+fn settings_that_defeat_themselves_are_warned_about() {
+    let dir = tmpdir("self-defeating");
+    let data = dir.join("data");
+    images(&data, 3);
+    // A batch larger than the data set, a size cap beyond every (32x32) image.
+    let cfg = config(&dir, &data, "  max_steps: 1");
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "training.batch_size=8",
+        "--set",
+        "data.img_size=256",
+    ]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("training.batch_size 8 is larger than the data set (3 images"),
+        "{t}"
+    );
+    assert!(
+        t.contains("data.img_size 256 is beyond every image") && t.contains("32x32"),
+        "{t}"
+    );
+
+    // No model section: the full Phase 1 model. The warning comes before the first step; the
+    // process is stopped once it has been seen.
+    let bare = dir.join("bare.yaml");
+    std::fs::write(
+        &bare,
+        format!(
+            "data: {{data_path: {}}}\noutput: {{output_path: {}}}\n",
+            data.display(),
+            dir.join("bare-run").display()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["train", "--config", bare.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if seen.contains("no model section") {
+                break;
+            }
+        }
+        seen
+    });
+    let start = Instant::now();
+    while !reader.is_finished() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let seen = reader.join().unwrap();
+    assert!(
+        seen.contains("no model section") && seen.contains("112M parameters") && seen.contains("on the CPU"),
+        "{seen}"
+    );
+}

@@ -36,6 +36,10 @@ pub struct Config {
     pub output: OutputSection,
     /// Initial weights (a model file with reference names).
     pub model_checkpoint: Option<PathBuf>,
+    /// Set by [`Config::parse`] when the file (and its overrides) had no `model` section, so
+    /// that the full Phase 1 model's defaults apply: worth a warning on a small machine.
+    #[serde(skip)]
+    pub model_section_missing: bool,
 }
 
 /// `--set section.key=value` and the dedicated flags, applied over the file.
@@ -68,6 +72,7 @@ impl Config {
             check_finite(&tree, "").map_err(|e| anyhow::anyhow!("--set {s}: {e}"))?;
             cfg = typed(&tree).map_err(|e| anyhow::anyhow!("--set {s}: {e}"))?;
         }
+        cfg.model_section_missing = tree.get("model").is_none();
         if let Some(d) = &overrides.data {
             cfg.data.data_path = Some(d.clone());
         }
@@ -288,6 +293,19 @@ impl Config {
         }
         if t.kl_beta == 0.0 {
             w.push("training.kl_beta = 0: the KL term has no weight.".into());
+        }
+        if self.model_section_missing {
+            let cpu = if t.device == "cpu" {
+                " on the CPU, where one step of it takes seconds to minutes"
+            } else {
+                ""
+            };
+            w.push(format!(
+                "the configuration has no model section: the full Phase 1 model (vae_dim {}, \
+                 about 112M parameters) is trained{cpu}. Set model: (e.g. vae_dim: 16) for a \
+                 smaller one.",
+                self.model.vae_dim
+            ));
         }
         w
     }

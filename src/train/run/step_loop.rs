@@ -159,6 +159,36 @@ impl Run {
         for w in c.warnings() {
             ev.log(Level::Warn, &w);
         }
+        let images = self.dataset.len();
+        if c.training.batch_size > images {
+            ev.log(
+                Level::Warn,
+                &format!(
+                    "training.batch_size {} is larger than the data set ({images} images in {}): \
+                     every batch holds at most {images}",
+                    c.training.batch_size,
+                    self.dataset.root.display()
+                ),
+            );
+        }
+        if let Some(cap) = c.data.img_size {
+            let largest = self
+                .dataset
+                .entries
+                .iter()
+                .map(|e| e.original)
+                .max_by_key(|&(w, h)| w.max(h));
+            if let Some((w, h)) = largest.filter(|&(w, h)| w.max(h) < cap) {
+                ev.log(
+                    Level::Warn,
+                    &format!(
+                        "data.img_size {cap} is beyond every image in {} (the largest is \
+                         {w}x{h}): images are not enlarged, so none trains at {cap}",
+                        self.dataset.root.display()
+                    ),
+                );
+            }
+        }
     }
 
     /// Runs steps until the end of the run or a stop; always ends with a complete checkpoint.
