@@ -442,6 +442,26 @@ fn configuration_errors_name_the_override_or_the_file_and_the_key() {
             "output.keep_last=0",
             &["--set output.keep_last=0", "output.keep_last"],
         ),
+        // Dimensions the layers cannot take: refused up front, not at the first forward.
+        (
+            "model.vae_dim=48",
+            &["--set model.vae_dim=48", "model.vae_dim (48)"],
+        ),
+        (
+            "model.flow_layers=0",
+            &["--set model.flow_layers=0", "model.flow_layers"],
+        ),
+        (
+            "model.downscales=40",
+            &["--set model.downscales=40", "at most 4"],
+        ),
+        (
+            "data.synthetic.width=100000",
+            &[
+                "--set data.synthetic.width=100000",
+                "data.synthetic.width must be at most",
+            ],
+        ),
     ];
     for (set, needles) in cases {
         let o = run(bin().args(["train", "--config", b, "--set", set]));
@@ -629,7 +649,9 @@ fn settings_that_defeat_themselves_are_warned_about() {
     let _ = child.wait();
     let seen = reader.join().unwrap();
     assert!(
-        seen.contains("no model section") && seen.contains("112M parameters") && seen.contains("on the CPU"),
+        seen.contains("no model section")
+            && seen.contains("112M parameters")
+            && seen.contains("on the CPU"),
         "{seen}"
     );
 }

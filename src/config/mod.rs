@@ -229,6 +229,25 @@ impl Config {
         if d.data_path.is_none() && d.synthetic.is_none() {
             bail!("data.data_path is not set (or pass --data DIR)");
         }
+        if self.model.downscales > 4 {
+            bail!(
+                "model.downscales must be at most 4, got {}: training sizes are multiples of 16, \
+                 which the VAE halves at most 4 times",
+                self.model.downscales
+            );
+        }
+        if let Some(s) = &d.synthetic {
+            let limits = [
+                ("data.synthetic.width", s.width as usize, 4096),
+                ("data.synthetic.height", s.height as usize, 4096),
+                ("data.synthetic.count", s.count, 100_000),
+            ];
+            for (key, v, most) in limits {
+                if v > most {
+                    bail!("{key} must be at most {most}, got {v}");
+                }
+            }
+        }
         self.model_config().validate()?;
         Ok(())
     }

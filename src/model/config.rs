@@ -57,6 +57,7 @@ impl ModelConfig {
             ("vae_attn_heads", self.vae_attn_heads),
             ("flow_dim", self.flow_dim),
             ("flow_heads", self.flow_heads),
+            ("flow_layers", self.flow_layers),
             ("text_embedding_dim", self.text_embedding_dim),
             ("text_hidden", self.text_hidden),
             ("max_hw", self.max_hw),
@@ -81,6 +82,13 @@ impl ModelConfig {
         }
         if !self.vae_dim.is_multiple_of(4) {
             anyhow::bail!("model.vae_dim ({}) must be a multiple of 4", self.vae_dim);
+        }
+        if self.vae_dim > 32 && !self.vae_dim.is_multiple_of(32) {
+            anyhow::bail!(
+                "model.vae_dim ({}) must be at most 32 or a multiple of 32: the expander's SPADE \
+                 normalises its channels in min(32, vae_dim) groups",
+                self.vae_dim
+            );
         }
         if !self.flow_dim.is_multiple_of(self.flow_heads)
             || !(self.flow_dim / self.flow_heads).is_multiple_of(2)
