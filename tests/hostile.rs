@@ -655,3 +655,66 @@ fn settings_that_defeat_themselves_are_warned_about() {
         "{seen}"
     );
 }
+
+#[test]
+fn a_training_size_that_cannot_fit_is_refused_with_the_estimate_before_the_model_is_built() {
+    let dir = tmpdir("too-big");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    image::RgbImage::from_fn(2048, 2048, |x, y| image::Rgb([x as u8, y as u8, 7]))
+        .save(data.join("big.png"))
+        .unwrap();
+    // The Phase 1 model (no model section) on a 2048x2048 image: over 100 GB of activations.
+    let cfg = dir.join("cfg.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data: {{data_path: {}}}\noutput: {{output_path: {}}}\n",
+            data.display(),
+            dir.join("run").display()
+        ),
+    )
+    .unwrap();
+    let o = run_within(
+        bin().args(["train", "--config", cfg.to_str().unwrap()]),
+        Duration::from_secs(60),
+    );
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("needs about") && t.contains("2048x2048") && t.contains("data.img_size"),
+        "{t}"
+    );
+    assert!(!dir.join("run/checkpoints").exists(), "{t}");
+}
+
+#[test]
+fn resume_falls_back_from_a_checkpoint_whose_weights_are_not_finite() {
+    let dir = tmpdir("nan-resume");
+    let data = dir.join("data");
+    images(&data, 8);
+    let cfg = config(&dir, &data, "");
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--max-steps",
+        "4",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    // NaN over the newest model file's first tensor, in place (the manifest's sizes still hold).
+    let model = dir.join("run/checkpoints/step-00000004/flxflow_final.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    for chunk in bytes[8 + n..8 + n + 16].chunks_mut(4) {
+        chunk.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    std::fs::write(&model, &bytes).unwrap();
+    let o = run(bin().args(["resume", "--output", dir.join("run").to_str().unwrap()]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("non-finite") && t.contains("falling back") && t.contains("at step 2 of 4"),
+        "{t}"
+    );
+}

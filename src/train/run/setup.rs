@@ -144,6 +144,36 @@ fn optim_file(cfg: &Config, base: Option<&Path>) -> Result<(OptimFile, Option<St
     }
 }
 
+/// Refuses a run whose largest batch cannot fit in memory (see [`crate::memory`]): the
+/// largest training size in the data times the batch, checked before the model is built.
+fn check_batch_fits(cfg: &Config, dataset: &Dataset, dtype: DType, device: &Device) -> Result<()> {
+    let Some(((w, h), members)) = dataset
+        .buckets()
+        .into_iter()
+        .max_by_key(|((w, h), _)| *w as u64 * *h as u64)
+    else {
+        return Ok(());
+    };
+    let batch = cfg.training.batch_size.min(members.len());
+    let act = cfg.step_config().mixed_precision.compute_dtype(dtype);
+    crate::memory::check_fits(
+        &format!(
+            "a training step of {batch} image(s) of {w}x{h} (the largest training size in {})",
+            dataset.root.display()
+        ),
+        crate::memory::activation_bytes(
+            &cfg.model_config(),
+            batch,
+            h as usize,
+            w as usize,
+            act,
+            true,
+        ),
+        device,
+    )
+    .context("set data.img_size to cap the images' size, or lower training.batch_size")
+}
+
 /// Deletes a run's checkpoints, logs, samples and root files (not its data caches).
 fn remove_run(dir: &RunDir) -> Result<()> {
     for sub in ["checkpoints", "graph", "samples"] {
@@ -188,6 +218,7 @@ pub fn start(
     let (dataset, template_paths) = prepare_data(&cfg, &dir, events)?;
     let device = parse_device(&cfg.training.device)?;
     let dtype = dtype_of(&cfg);
+    check_batch_fits(&cfg, &dataset, dtype, &device)?;
     // Absolute paths in the run's config copy, so `resume` works from any folder.
     let absolute = |p: &PathBuf| p.canonicalize().unwrap_or_else(|_| p.clone());
     let template_paths: Vec<PathBuf> = template_paths.iter().map(absolute).collect();
@@ -285,6 +316,7 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
     let (dataset, templates) = prepare_data(&cfg, &dir, events)?;
     let device = parse_device(&cfg.training.device)?;
     let dtype = dtype_of(&cfg);
+    check_batch_fits(&cfg, &dataset, dtype, &device)?;
     let templates = load_templates(&templates, cfg.data.img_size, dtype, &device)?;
     let checkpoints = dir.list()?;
     if checkpoints.is_empty() {
