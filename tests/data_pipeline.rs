@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fluxflow::data::{self, synthetic, BatchSampler, Loader, LoaderConfig, SamplerState};
 use image::{Rgb, RgbImage};
@@ -396,31 +396,39 @@ fn loader_skips_files_broken_after_the_scan_and_names_them() {
 
 #[test]
 fn dropping_the_loader_early_stops_its_threads() {
-    let (_root, ds) = indexed_dataset("drop");
+    let (root, ds) = indexed_dataset("drop");
     let config = LoaderConfig {
         workers: 2,
         prefetch: 1,
     };
-    let start = Instant::now();
-    let untouched = Loader::new(
-        &ds,
-        BatchSampler::new(&ds, 1, 0).unwrap(),
-        SamplerState::default(),
-        config,
-    )
-    .unwrap();
-    drop(untouched);
-    let mut loader = Loader::new(
-        &ds,
-        BatchSampler::new(&ds, 1, 0).unwrap(),
-        SamplerState::default(),
-        config,
-    )
-    .unwrap();
-    loader.next().unwrap();
-    std::thread::sleep(Duration::from_millis(50)); // let the workers fill the window
-    drop(loader);
-    assert!(start.elapsed() < Duration::from_secs(30));
+    // On a thread, so that a deadlock fails the test at the limit instead of hanging it.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _root = root;
+        let untouched = Loader::new(
+            &ds,
+            BatchSampler::new(&ds, 1, 0).unwrap(),
+            SamplerState::default(),
+            config,
+        )
+        .unwrap();
+        drop(untouched);
+        let mut loader = Loader::new(
+            &ds,
+            BatchSampler::new(&ds, 1, 0).unwrap(),
+            SamplerState::default(),
+            config,
+        )
+        .unwrap();
+        loader.next().unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // let the workers fill the window
+        drop(loader);
+        let _ = done.send(());
+    });
+    assert!(
+        finished.recv_timeout(Duration::from_secs(30)).is_ok(),
+        "dropping the loaders did not return within 30 s"
+    );
 }
 
 #[test]

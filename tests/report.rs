@@ -201,6 +201,16 @@ fn distinct_colours(img: &RgbImage) -> usize {
     img.pixels().map(|p| p.0).collect::<HashSet<_>>().len()
 }
 
+/// Pixels drawn in a series colour (the tab10 palette): a data line across a panel paints
+/// hundreds of them; axes, grid, text and the legend's swatches alone paint few.
+fn line_pixels(img: &RgbImage) -> usize {
+    let palette: HashSet<[u8; 3]> = fluxflow::report::plot::PALETTE
+        .iter()
+        .map(|c| [c.0, c.1, c.2])
+        .collect();
+    img.pixels().filter(|p| palette.contains(&p.0)).count()
+}
+
 #[test]
 fn plots_decode_at_their_promised_size_and_are_not_blank() {
     let run = hand_run("plots");
@@ -216,6 +226,11 @@ fn plots_decode_at_their_promised_size_and_are_not_blank() {
         );
         let n = distinct_colours(&img);
         assert!(n > 30, "{name} looks blank: {n} colours");
+        let lines = line_pixels(&img);
+        assert!(
+            lines > 500,
+            "{name} has no data lines: {lines} pixels in series colours"
+        );
     }
     let overview = image::open(run.join("graph/training_overview.png")).unwrap();
     assert!(overview.width() > 1600 && overview.height() > 1000);
@@ -370,6 +385,11 @@ fn reference_shaped_log_without_our_extras_works() {
     for name in PLOTS {
         let img = image::open(run.join("graph").join(name)).unwrap().to_rgb8();
         assert!(distinct_colours(&img) > 30, "{name} looks blank");
+        let lines = line_pixels(&img);
+        assert!(
+            lines > 500,
+            "{name} has no data lines: {lines} pixels in series colours"
+        );
     }
 }
 

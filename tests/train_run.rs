@@ -210,7 +210,27 @@ fn resume_after_a_hard_kill_reproduces_the_uninterrupted_losses() {
         Duration::from_secs(120),
     );
     child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let status = child.wait().unwrap();
+    // The kill landed while the run was going: it did not exit by itself, and its newest
+    // checkpoint is one before the end, so the resume below has steps to reproduce.
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the run ended before the kill: {status:?}"
+    );
+    let newest = std::fs::read_dir(killed.join("run/checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("step-")
+                .and_then(|s| s.parse::<u64>().ok())
+        })
+        .max()
+        .unwrap();
+    assert!(
+        newest < 16,
+        "the kill landed after the last checkpoint (step {newest})"
+    );
     let o = run(bin().args(["resume", "--output", killed.join("run").to_str().unwrap()]));
     assert!(o.status.success(), "{}", text(&o));
     let got = step_losses(&killed.join("run"));
@@ -229,6 +249,8 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
     let dir = tmpdir("sigterm");
     let child = long_run_past_first_checkpoint(&dir);
     let pid = child.id().to_string();
+    // The step the run had logged when the signal was sent: it stops within a step or two.
+    let at_signal = step_losses(&dir.join("run")).last().unwrap().0;
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -249,7 +271,12 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
             .exists(),
         "{t}"
     );
-    assert!(last < 1600);
+    // 100 epochs of 8 steps were planned.
+    assert!(
+        (at_signal..=at_signal + 2).contains(&last) && last < 800,
+        "signalled at step {at_signal}, stopped at {last}: {t}"
+    );
+    assert!(t.contains(&format!("at step {last}/800")), "{t}");
 }
 
 #[test]
@@ -405,7 +432,9 @@ fn max_runtime_checkpoints_and_exits_cleanly() {
     );
     let r = dir.join("run");
     let last = step_losses(&r).last().unwrap().0;
-    assert!(last < 1600, "{t}");
+    // 100 epochs of 8 steps were planned; 2 s of them ran.
+    assert!(last < 800, "{t}");
+    assert!(t.contains(&format!("at step {last}/800")), "{t}");
     assert!(
         r.join(format!("checkpoints/step-{last:08}/state.json"))
             .exists(),
