@@ -18,5 +18,6 @@ pub mod kernels;
 pub mod model;
 pub mod nn;
 pub mod params;
+pub mod quality;
 pub mod report;
 pub mod train;
