@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod eval;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod image_io;

@@ -33,6 +33,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.psnr_db
             );
         }
+        Command::Eval(args) => print!("{}", commands::eval::run(&args)?),
         Command::Info(args) => println!("{}", commands::info::run(&args)?),
         Command::Train(args) => println!("{}", commands::train::train(&args)?),
         Command::Resume(args) => println!("{}", commands::train::resume(&args)?),

@@ -269,3 +269,10 @@ mod tests {
         }
     }
 }
+
+/// The image files under `root` (full paths, sorted by relative path) and the subfolders that
+/// could not be listed, without reading any file: what `fluxflow eval` walks.
+pub fn image_files(root: &Path) -> Result<(Vec<PathBuf>, Vec<BadFile>)> {
+    let (files, bad) = list_images(root)?;
+    Ok((files.into_iter().map(|f| root.join(f.rel)).collect(), bad))
+}
