@@ -14,8 +14,8 @@ use serde_yaml::Value;
 
 pub use optim_file::OptimFile;
 pub use sections::{
-    DataSection, ModelSection, OptimizationSection, OutputSection, SampleSize, SyntheticData,
-    TrainingSection,
+    DataSection, MatchedWidth, ModelSection, OptimizationSection, OutputSection, SampleSize,
+    SyntheticData, TrainingSection, WidthMult,
 };
 
 use crate::model::ModelConfig;
@@ -207,12 +207,45 @@ impl Config {
         if d.data_path.is_none() && d.synthetic.is_none() {
             bail!("data.data_path is not set (or pass --data DIR)");
         }
+        self.baseline_width_mult()?;
         self.model_config().validate()?;
         Ok(())
     }
 
-    /// The model's dimensions.
+    /// The baseline's width multiplier: the configured number, or the parameter-matched one
+    /// (1 for Bezier).
+    pub fn baseline_width_mult(&self) -> Result<f64> {
+        let m = &self.model;
+        match m.baseline_width_mult {
+            _ if m.activation.is_bezier() => Ok(1.0),
+            WidthMult::Factor(f) if f.is_finite() && f > 0.0 => Ok(f),
+            WidthMult::Factor(f) => {
+                bail!("model.baseline_width_mult must be a positive number or `matched`, got {f}")
+            }
+            WidthMult::Matched(_) => {
+                let dims = ModelConfig {
+                    activation: m.activation,
+                    ..self.model_dims()
+                };
+                crate::model::FluxModel::matched_width_mult(&dims, m.activation).with_context(
+                    || "model.baseline_width_mult: matched: cannot count the parameters",
+                )
+            }
+        }
+    }
+
+    /// The model's dimensions and activation (a parameter-matched baseline width that cannot
+    /// be computed, which `validate` reports, falls back to 1).
     pub fn model_config(&self) -> ModelConfig {
+        ModelConfig {
+            activation: self.model.activation,
+            baseline_width_mult: self.baseline_width_mult().unwrap_or(1.0),
+            ..self.model_dims()
+        }
+    }
+
+    /// The model's dimensions, with the Bezier activation.
+    fn model_dims(&self) -> ModelConfig {
         let m = &self.model;
         ModelConfig {
             vae_dim: m.vae_dim,

@@ -10,11 +10,11 @@ use super::events::{Events, Level};
 use super::state::LoopState;
 use super::step_loop::Run;
 use super::{RunSummary, StopSignal};
-use crate::checkpoint::{read_tensors, write_atomic, TEXT_FILE};
+use crate::checkpoint::{read_architecture, read_tensors, write_atomic, TEXT_FILE};
 use crate::config::{Config, OptimFile, Overrides};
 use crate::data::{scan, synthetic, BatchSampler, Dataset};
 use crate::device::parse_device;
-use crate::model::{FluxModel, DIFFUSER, TEXT};
+use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
 use crate::params::ParamStore;
 use crate::train::metrics::{MetricsLog, Session};
 use crate::train::optim;
@@ -384,8 +384,15 @@ fn restore(
             }
         }
     }
+    // The activation and baseline width are the checkpoint's (what its tensors were built for).
+    let (activation, baseline_width_mult) = read_architecture(&ckpt.join(MODEL_FILE))?;
+    let model_cfg = ModelConfig {
+        activation,
+        baseline_width_mult,
+        ..cfg.model_config()
+    };
     let store = ParamStore::loaded(tensors, vec![], dtype, device);
-    let model = FluxModel::build(&cfg.model_config(), store.clone())?;
+    let model = FluxModel::build(&model_cfg, store.clone())?;
     store.check_complete(&[DIFFUSER, TEXT])?;
     let opt = optim::build("vae", &state.trainer.optimizer.spec, vae_params(&model))?;
     let mut trainer = VaeTrainer::new(

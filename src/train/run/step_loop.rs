@@ -14,12 +14,12 @@ use super::setup::{MODEL_FILE, TRAINER_FILE};
 use super::state::{reference_lrs, reference_training_state, LoopState};
 use super::{RunSummary, StopReason, StopSignal};
 use crate::checkpoint::{
-    to_safetensors_bytes, to_safetensors_bytes_exact, write_atomic, TEXT_FILE,
+    model_file_bytes, to_safetensors_bytes, to_safetensors_bytes_exact, write_atomic, TEXT_FILE,
 };
 use crate::config::{Config, OptimFile};
 use crate::data::rng::SplitMix64;
 use crate::data::{BatchSampler, Dataset, Loader, LoaderConfig, SamplerState};
-use crate::model::{FluxModel, Noise, DIFFUSER, TEXT};
+use crate::model::{FluxModel, Noise, TEXT};
 use crate::train::adaptive::RollingMean;
 use crate::train::loss::kl_beta;
 use crate::train::metrics::{MetricsLog, Session};
@@ -429,7 +429,7 @@ impl Run {
         session_start: Instant,
         ev: &mut dyn Events,
     ) -> Result<()> {
-        let model_bytes = to_safetensors_bytes(&self.model.params.tensors(DIFFUSER))?;
+        let model_bytes = model_file_bytes(&self.model)?;
         let text_bytes = to_safetensors_bytes(&self.model.params.tensors(TEXT))?;
         let mut exact = self.trainer.state_tensors();
         if self.dtype != DType::F32 {
