@@ -158,3 +158,135 @@ fn eval_of_a_folder_without_images_names_it() {
         "{err}"
     );
 }
+
+/// A tiny run with a held-out folder evaluated every 2 steps.
+#[test]
+fn training_evaluates_the_held_out_folder_and_reports_it() {
+    let dir = tmpdir("train");
+    let held = dir.join("held");
+    std::fs::create_dir_all(&held).unwrap();
+    for k in 0..3 {
+        pattern(32, 32, k + 1)
+            .save(held.join(format!("h{k}.png")))
+            .unwrap();
+    }
+    std::fs::write(held.join("broken.png"), b"\x89PNG\r\n\x1a\nnope").unwrap();
+    let cfg = dir.join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model: {{vae_dim: 8, downscales: 2, feature_maps_dim: 8, text_embedding_dim: 8,
+         vae_attn_layers: 1, vae_attn_heads: 2, flow_heads: 2, flow_layers: 1, text_hidden: 8}}
+data:
+  synthetic: {{count: 4, width: 32, height: 32, seed: 1}}
+training: {{n_epochs: 3, batch_size: 2, workers: 1, lr: 0.002, seed: 3}}
+output:
+  output_path: {}
+  log_interval: 1
+  checkpoint_save_interval: 3
+  eval_data: {}
+  eval_interval: 2
+  eval_limit: 2
+",
+            dir.join("run").display(),
+            held.display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let log = format!("{}{}", str_of(&o.stdout), str_of(&o.stderr));
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("eval of step 2 on 2 images"), "{log}");
+    let run = dir.join("run");
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(run.join("graph/training_metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    // 4 generated images in buckets of 3 and 1: 3 steps per epoch, 9 in all. Every 2 steps,
+    // then once more at the end.
+    let evals: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["metrics"].get("eval_psnr").is_some())
+        .collect();
+    let steps: Vec<u64> = evals
+        .iter()
+        .map(|r| r["global_step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 4, 6, 8, 9]);
+    for r in &evals {
+        let m = &r["metrics"];
+        for k in ["eval_psnr", "eval_psnr_ema"] {
+            let v = m[k].as_f64().unwrap();
+            assert!(v > 3.0 && v < 60.0, "{k} {v}");
+        }
+        for k in ["eval_ssim", "eval_ssim_ema"] {
+            let v = m[k].as_f64().unwrap();
+            assert!(v > -1.0 && v < 1.0, "{k} {v}");
+        }
+        // 32x32 images have no MS-SSIM.
+        assert!(m.get("eval_ms_ssim").is_none());
+        assert_eq!(r["extras"]["eval_images"], 2);
+        // The EMA weights (decay 0.999) are not the live ones.
+        assert_ne!(m["eval_psnr"], m["eval_psnr_ema"]);
+    }
+    // The templates' PSNR is logged with their samples and is the PSNR of the written image.
+    let sample_row = rows
+        .iter()
+        .rev()
+        .find(|r| r["extras"].get("samples").is_some())
+        .unwrap();
+    let step = sample_row["global_step"].as_u64().unwrap();
+    let (stem, s) = sample_row["extras"]["samples"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
+    let logged = s["psnr"].as_f64().unwrap();
+    let sdir = run.join("samples").join(stem);
+    let recon = image::open(sdir.join(format!("{step:05}.webp")))
+        .unwrap()
+        .to_rgb8();
+    let original = image::open(sdir.join("original.png")).unwrap().to_rgb8();
+    let expected = fluxflow::image_io::psnr(&recon, &original).unwrap();
+    assert!((logged - expected).abs() < 1e-9, "{logged} vs {expected}");
+
+    let report = std::fs::read_to_string(run.join("graph/report.md")).unwrap();
+    assert!(report.contains("### Reconstruction Quality"), "{report}");
+    assert!(report.contains("reconstruction_quality.png"), "{report}");
+    assert!(report.contains("| 9 | "), "{report}");
+    let summary = std::fs::read_to_string(run.join("graph/training_summary.txt")).unwrap();
+    assert!(
+        summary.contains("eval_psnr_ema") && summary.contains("TEMPLATE PSNR"),
+        "{summary}"
+    );
+    assert!(run.join("graph/reconstruction_quality.png").exists());
+}
+
+#[test]
+fn a_missing_eval_folder_is_named_before_training() {
+    let dir = tmpdir("missing");
+    let o = Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+        .args([
+            "train",
+            "--output",
+            dir.join("run").to_str().unwrap(),
+            "--set",
+            "output.eval_data=/nonexistent/held-out",
+            "--max-steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = str_of(&o.stderr);
+    assert!(
+        err.contains("output.eval_data") && err.contains("/nonexistent/held-out"),
+        "{err}"
+    );
+}

@@ -9,12 +9,13 @@ use fluxflow::report::{generate, ReportSummary};
 use image::{Rgb, RgbImage};
 use serde_json::json;
 
-const PLOTS: [&str; 5] = [
+const PLOTS: [&str; 6] = [
     "training_overview.png",
     "training_losses.png",
     "kl_loss.png",
     "learning_rates.png",
     "batch_times.png",
+    "reconstruction_quality.png",
 ];
 
 /// A run folder under the temp dir, removed when the test passes (kept for a look when it fails).
@@ -356,7 +357,7 @@ fn reference_shaped_log_without_our_extras_works() {
     let s: ReportSummary = generate(&run).unwrap();
     assert_eq!((s.rows, s.malformed_lines), (40, 0));
     assert!(s.galleries.is_empty());
-    assert_eq!(s.files.len(), 7, "summary, five plots, report");
+    assert_eq!(s.files.len(), 8, "summary, six plots, report");
     let text = std::fs::read_to_string(run.join("graph/training_summary.txt")).unwrap();
     assert!(
         text.contains("kl_loss (39 values, 1 non-finite left out)"),

@@ -150,6 +150,11 @@ impl Config {
                 self.output.samples_per_checkpoint as f64,
             ),
             ("output.keep_last", self.output.keep_last as f64),
+            ("output.eval_limit", self.output.eval_limit as f64),
+            (
+                "output.eval_interval",
+                self.output.eval_interval.unwrap_or(1) as f64,
+            ),
         ];
         for (key, v) in positive {
             if v.is_nan() || v <= 0.0 {
@@ -232,6 +237,13 @@ impl Config {
                 )
             }
         }
+    }
+
+    /// Steps between evaluations of `output.eval_data` (its interval, or the checkpoints').
+    pub fn eval_interval(&self) -> u64 {
+        self.output
+            .eval_interval
+            .unwrap_or(self.output.checkpoint_save_interval)
     }
 
     /// The model's dimensions and activation (a parameter-matched baseline width that cannot

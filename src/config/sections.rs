@@ -293,6 +293,14 @@ pub struct OutputSection {
     pub generate_diagrams: bool,
     /// Ours: complete checkpoints kept.
     pub keep_last: usize,
+    /// Ours: a held-out image folder whose reconstruction quality (PSNR, SSIM, MS-SSIM) is
+    /// measured during training, with the EMA weights and the live ones.
+    pub eval_data: Option<PathBuf>,
+    /// Ours: steps between evaluations of `eval_data` (default: at each checkpoint), and at
+    /// the end of the run.
+    pub eval_interval: Option<u64>,
+    /// Ours: at most this many images of `eval_data` (the first in path order).
+    pub eval_limit: usize,
 }
 
 impl Default for OutputSection {
@@ -310,6 +318,9 @@ impl Default for OutputSection {
             log_file: None,
             generate_diagrams: false,
             keep_last: 3,
+            eval_data: None,
+            eval_interval: None,
+            eval_limit: 16,
         }
     }
 }
