@@ -23,6 +23,9 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Regenerate a run's summary, plots, galleries and report.md.
     Report(ReportArgs),
+    /// Runs side by side: loss and quality at matching steps, steps to thresholds, stability,
+    /// speed; markdown and overlay plots (reads the reference's run folders too).
+    Compare(CompareArgs),
     /// Time training steps on random images (median s/step, images/s, peak memory).
     Bench(BenchArgs),
     /// Encode and decode one image with a checkpoint and print the PSNR.
@@ -150,6 +153,26 @@ pub struct ReportArgs {
     /// default: the most recently updated run under ./runs.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// Two or more run folders (ours, or the reference's with graph/training_metrics.jsonl).
+    #[arg(required = true, num_args = 2..)]
+    pub runs: Vec<PathBuf>,
+    /// Where to write comparison.md and the plots.
+    #[arg(long, short = 'o', default_value = "comparison")]
+    pub output: PathBuf,
+    /// A loss level whose first crossing is reported (repeatable); default: the highest
+    /// final loss among the runs and twice it.
+    #[arg(long = "loss")]
+    pub loss: Vec<f64>,
+    /// A PSNR level in dB whose first crossing is reported (repeatable); default 15, 20, 25, 30.
+    #[arg(long = "psnr")]
+    pub psnr: Vec<f64>,
+    /// Stability: the loss variance over each run's last N steps.
+    #[arg(long, default_value_t = 100)]
+    pub last: u64,
 }
 
 #[derive(Debug, clap::Args)]

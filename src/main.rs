@@ -38,6 +38,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => println!("{}", commands::train::train(&args)?),
         Command::Resume(args) => println!("{}", commands::train::resume(&args)?),
         Command::Report(args) => println!("{}", commands::train::report(&args)?),
+        Command::Compare(args) => {
+            let c = commands::compare::run(&args)?;
+            println!("wrote {}", c.markdown.display());
+            for p in &c.plots {
+                println!("wrote {}", p.display());
+            }
+        }
         Command::Bench(args) => println!("{}", commands::bench::run(&args)?),
     }
     Ok(())

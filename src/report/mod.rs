@@ -11,6 +11,7 @@
 //! - `graph/report.md`
 
 pub mod charts;
+pub mod compare;
 pub mod gallery;
 pub mod markdown;
 pub mod metrics;
