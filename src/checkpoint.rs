@@ -10,11 +10,65 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
+use crate::model::{Activation, FluxModel, ModelConfig, DIFFUSER, TEXT};
 use crate::params::ParamStore;
 
 /// File name of the text projection beside a model file (the reference's name).
 pub const TEXT_FILE: &str = "text_encoder.safetensors";
+
+/// Metadata keys of a baseline model file: its activation and width multiplier. A file without
+/// them (the reference's, or ours with Bezier activations) is a Bezier model.
+pub const ACTIVATION_KEY: &str = "fluxflow.activation";
+pub const WIDTH_MULT_KEY: &str = "fluxflow.baseline_width_mult";
+
+/// The activation and baseline width multiplier a model file records in its safetensors
+/// metadata (Bezier and 1 when it records none). Reads the header only.
+pub fn read_architecture(path: &Path) -> Result<(Activation, f64)> {
+    let mut f = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file_len = f
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .with_context(|| format!("{} is too short for a safetensors header", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    // Bounded by the file, as in read_tensors.
+    if n > MAX_HEADER || n > file_len - 8 {
+        bail!(
+            "{} is not a valid safetensors file (truncated or another format): its header \
+             claims {n} bytes, the file has {}",
+            path.display(),
+            file_len - 8
+        );
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: the safetensors header is not JSON", path.display()))?;
+    let meta = &header["__metadata__"];
+    let activation = match meta[ACTIVATION_KEY].as_str() {
+        None => return Ok((Activation::Bezier, 1.0)),
+        Some(a) => a
+            .parse::<Activation>()
+            .with_context(|| format!("{}: metadata {ACTIVATION_KEY}", path.display()))?,
+    };
+    let mult = match meta[WIDTH_MULT_KEY].as_str() {
+        None => 1.0,
+        Some(m) => m
+            .parse::<f64>()
+            .ok()
+            .filter(|m| m.is_finite() && *m > 0.0)
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: metadata {WIDTH_MULT_KEY} is {m:?}, not a positive number",
+                    path.display()
+                )
+            })?,
+    };
+    Ok((activation, mult))
+}
 
 /// The longest safetensors header we read (the format's own limit: 100 MB).
 const MAX_HEADER: u64 = 100_000_000;
@@ -204,12 +258,33 @@ fn count(t: &HashMap<String, Tensor>, prefix: &str, suffix: &str) -> usize {
 /// `_detect_config`). The compressor's head count is not recorded in a checkpoint; like the
 /// reference, it is taken to be 8.
 pub fn detect_config(t: &HashMap<String, Tensor>) -> Result<ModelConfig> {
-    let mut cfg = ModelConfig::default();
+    detect_config_as(t, Activation::Bezier, 1.0)
+}
+
+/// [`detect_config`] for a model file with the given activation and baseline width multiplier
+/// (from [`read_architecture`]); a baseline's VAE dimension comes from its mu head.
+pub fn detect_config_as(
+    t: &HashMap<String, Tensor>,
+    activation: Activation,
+    baseline_width_mult: f64,
+) -> Result<ModelConfig> {
+    let mut cfg = ModelConfig {
+        activation,
+        baseline_width_mult,
+        ..ModelConfig::default()
+    };
     let latent = "diffuser.compressor.latent_proj.0.0.weight";
-    cfg.vae_dim = match dims(t, latent) {
-        Some([o, ..]) if o % 5 == 0 => o / 5,
-        Some(d) => bail!("{latent} has shape {d:?}: its first dimension is not 5 x vae_dim"),
-        None => bail!("no {latent}: cannot detect the VAE dimension (not a FluxFlow model file?)"),
+    let mu = "diffuser.compressor.mu_activation.p0";
+    cfg.vae_dim = match (activation.is_bezier(), dims(t, latent), dims(t, mu)) {
+        (true, Some([o, ..]), _) if o % 5 == 0 => o / 5,
+        (true, Some(d), _) => {
+            bail!("{latent} has shape {d:?}: its first dimension is not 5 x vae_dim")
+        }
+        (false, _, Some([d])) => *d,
+        (false, _, _) => bail!("no {mu} of rank 1: cannot detect the {activation} VAE's dimension"),
+        (true, None, _) => {
+            bail!("no {latent}: cannot detect the VAE dimension (not a FluxFlow model file?)")
+        }
     };
     cfg.downscales = count(t, "diffuser.compressor.encoder_z.", ".0.weight");
     cfg.upscales = count(t, "diffuser.expander.upscale.layers.", ".conv1.0.weight");
@@ -226,7 +301,7 @@ pub fn detect_config(t: &HashMap<String, Tensor>) -> Result<ModelConfig> {
     );
     let inv = "diffuser.flow_processor.transformer_blocks.0.rotary_pe.inv_freq";
     if let Some([half]) = dims(t, inv) {
-        if *half == 0 || cfg.flow_dim % (2 * half) != 0 {
+        if *half == 0 || !cfg.flow_dim.is_multiple_of(2 * half) {
             bail!(
                 "{inv} has {half} entries, which does not divide flow_dim {}",
                 cfg.flow_dim
@@ -304,7 +379,8 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> 
             text_source = Some(beside);
         }
     }
-    let cfg = detect_config(&tensors)
+    let (activation, mult) = read_architecture(path)?;
+    let cfg = detect_config_as(&tensors, activation, mult)
         .with_context(|| format!("cannot detect the model dimensions of {}", path.display()))?;
     let fresh: Vec<String> = match text_source {
         Some(_) => vec![],
@@ -353,15 +429,37 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Serialises tensors (converted to float32, CPU, contiguous) in safetensors format.
 pub fn to_safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    serialize(tensors, Some(DType::F32))
+    serialize(tensors, Some(DType::F32), &[])
+}
+
+/// The model file's bytes (`diffuser.*`, float32); a baseline's records its activation and
+/// width multiplier in the metadata, a Bezier model's is exactly the reference's format.
+pub fn model_file_bytes(model: &FluxModel) -> Result<Vec<u8>> {
+    let c = &model.config;
+    let meta = if c.activation.is_bezier() {
+        vec![]
+    } else {
+        vec![
+            (ACTIVATION_KEY.to_string(), c.activation.to_string()),
+            (
+                WIDTH_MULT_KEY.to_string(),
+                c.baseline_width_mult.to_string(),
+            ),
+        ]
+    };
+    serialize(&model.params.tensors(DIFFUSER), Some(DType::F32), &meta)
 }
 
 /// Serialises tensors in safetensors format, each in its own dtype (for exact resume state).
 pub fn to_safetensors_bytes_exact(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    serialize(tensors, None)
+    serialize(tensors, None, &[])
 }
 
-fn serialize(tensors: &[(String, Tensor)], dtype: Option<DType>) -> Result<Vec<u8>> {
+fn serialize(
+    tensors: &[(String, Tensor)],
+    dtype: Option<DType>,
+    extra_meta: &[(String, String)],
+) -> Result<Vec<u8>> {
     let converted = tensors
         .iter()
         .map(|(k, t)| {
@@ -373,7 +471,8 @@ fn serialize(tensors: &[(String, Tensor)], dtype: Option<DType>) -> Result<Vec<u
             Ok((k.clone(), t.contiguous()?))
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let mut meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    meta.extend(extra_meta.iter().cloned());
     safetensors::serialize(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
         .map_err(|e| anyhow!("cannot serialise tensors: {e}"))
 }
@@ -381,8 +480,7 @@ fn serialize(tensors: &[(String, Tensor)], dtype: Option<DType>) -> Result<Vec<u
 /// Saves the model file (`diffuser.*`) at `model_path` and the text projection as
 /// `text_encoder.safetensors` beside it, both atomically, float32.
 pub fn save_model(model: &FluxModel, model_path: &Path) -> Result<()> {
-    let diffuser = to_safetensors_bytes(&model.params.tensors(DIFFUSER))?;
-    write_atomic(model_path, &diffuser)?;
+    write_atomic(model_path, &model_file_bytes(model)?)?;
     let text = to_safetensors_bytes(&model.params.tensors(TEXT))?;
     write_atomic(&model_path.with_file_name(TEXT_FILE), &text)
 }

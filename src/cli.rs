@@ -23,10 +23,16 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Regenerate a run's summary, plots, galleries and report.md.
     Report(ReportArgs),
+    /// Runs side by side: loss and quality at matching steps, steps to thresholds, stability,
+    /// speed; markdown and overlay plots (reads the reference's run folders too).
+    Compare(CompareArgs),
     /// Time training steps on random images (median s/step, images/s, peak memory).
     Bench(BenchArgs),
     /// Encode and decode one image with a checkpoint and print the PSNR.
     Reconstruct(ReconstructArgs),
+    /// PSNR, SSIM and MS-SSIM of a checkpoint's reconstructions of a folder of images.
+    #[command(long_about = EVAL_ABOUT)]
+    Eval(EvalArgs),
     /// Describe a checkpoint: detected dimensions, parameters per component, tensors, dtypes.
     Info(InfoArgs),
 }
@@ -69,6 +75,46 @@ pub struct ReconstructArgs {
 
 /// `reconstruct --max-pixels`' default: 1024 x 1024.
 pub const DEFAULT_MAX_PIXELS: u64 = 1024 * 1024;
+
+const EVAL_ABOUT: &str = "\
+PSNR, SSIM and MS-SSIM of a checkpoint's reconstructions of a folder of images, per image and
+on average.
+
+Each image (PNG, JPEG or WebP, searched recursively; grey and RGBA become RGB) is resized to its
+training size as `reconstruct` does, encoded with the posterior mean, decoded with SPADE
+context (images of one size in batches), and written to 8 bits as `reconstruct` writes it.
+Both images are then taken as values in [0, 1] (v / 255).
+PSNR: 10 log10(1 / MSE) over all values (inf for an exact reconstruction, null in JSON).
+SSIM: Wang et al. 2004, an 11x11 Gaussian window with sigma 1.5, K1 0.01, K2 0.03, data range
+1, averaged over the window positions that lie wholly inside the image (as scikit-image and
+pytorch-msssim do), then over R, G and B.
+MS-SSIM: as pytorch-msssim, five scales weighted 0.0448, 0.2856, 0.3001, 0.2363, 0.1333, 2x2
+average pooling between scales, contrast-structure at the first four and SSIM at the last,
+negative terms clamped to 0. Images with a side under 161 px are too small for five scales:
+their MS-SSIM is null and a note says so.
+An unreadable or truncated file is skipped, named and counted.";
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// The model file (reference names, e.g. flxflow_final.safetensors).
+    #[arg(long, short = 'c')]
+    pub checkpoint: PathBuf,
+    /// The folder of images (searched recursively).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Evaluate at most this many readable images (in path order).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Also write the scores as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Images of one size per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
@@ -115,6 +161,26 @@ pub struct ReportArgs {
     /// default: the most recently updated run under ./runs.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// Two or more run folders (ours, or the reference's with graph/training_metrics.jsonl).
+    #[arg(required = true, num_args = 2..)]
+    pub runs: Vec<PathBuf>,
+    /// Where to write comparison.md and the plots.
+    #[arg(long, short = 'o', default_value = "comparison")]
+    pub output: PathBuf,
+    /// A loss level whose first crossing is reported (repeatable); default: the highest
+    /// final loss among the runs and twice it.
+    #[arg(long = "loss")]
+    pub loss: Vec<f64>,
+    /// A PSNR level in dB whose first crossing is reported (repeatable); default 15, 20, 25, 30.
+    #[arg(long = "psnr")]
+    pub psnr: Vec<f64>,
+    /// Stability: the loss variance over each run's last N steps.
+    #[arg(long, default_value_t = 100)]
+    pub last: u64,
 }
 
 #[derive(Debug, clap::Args)]

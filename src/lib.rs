@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod eval;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod image_io;
@@ -19,5 +20,6 @@ pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod params;
+pub mod quality;
 pub mod report;
 pub mod train;

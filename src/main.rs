@@ -40,10 +40,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.psnr_db
             );
         }
+        Command::Eval(args) => print!("{}", commands::eval::run(&args)?),
         Command::Info(args) => println!("{}", commands::info::run(&args)?),
         Command::Train(args) => println!("{}", commands::train::train(&args)?),
         Command::Resume(args) => println!("{}", commands::train::resume(&args)?),
         Command::Report(args) => println!("{}", commands::train::report(&args)?),
+        Command::Compare(args) => {
+            let c = commands::compare::run(&args)?;
+            println!("wrote {}", c.markdown.display());
+            for p in &c.plots {
+                println!("wrote {}", p.display());
+            }
+        }
         Command::Bench(args) => println!("{}", commands::bench::run(&args)?),
     }
     Ok(())

@@ -26,6 +26,9 @@ enum Source {
     Fresh(StdRng),
     /// Tensors from a file; names under one of the prefixes are created fresh instead.
     Loaded(HashMap<String, Tensor>, Vec<String>, StdRng),
+    /// Shapes only: every tensor is a broadcast zero and nothing is allocated (for counting
+    /// the parameters of a configuration).
+    Shapes,
 }
 
 struct Inner {
@@ -34,6 +37,8 @@ struct Inner {
     buffers: BTreeSet<String>,
     missing: Vec<String>,
     misshaped: Vec<String>,
+    /// Element counts of a [`Source::Shapes`] store's trainable parameters.
+    counted: BTreeMap<String, usize>,
 }
 
 /// Every tensor of a model, by reference name. Cheap to clone (shared).
@@ -48,6 +53,30 @@ impl ParamStore {
     /// A store whose tensors are initialised from an RNG seeded with `seed`.
     pub fn fresh(dtype: DType, device: &Device, seed: u64) -> Self {
         Self::new(Source::Fresh(StdRng::seed_from_u64(seed)), dtype, device)
+    }
+
+    /// A store that only records shapes: its tensors are broadcast zeros (never to be trained
+    /// or written), for [`ParamStore::parameter_count`] without allocating the model.
+    pub fn shapes(dtype: DType, device: &Device) -> Self {
+        Self::new(Source::Shapes, dtype, device)
+    }
+
+    /// The number of trainable elements (buffers excluded) under `prefix`.
+    pub fn parameter_count(&self, prefix: &str) -> usize {
+        let inner = self.lock();
+        let vars: usize = inner
+            .vars
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && !inner.buffers.contains(*k))
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let counted: usize = inner
+            .counted
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, n)| n)
+            .sum();
+        vars + counted
     }
 
     /// A store whose tensors come from `tensors` (any float dtype, converted to `dtype`),
@@ -70,6 +99,7 @@ impl ParamStore {
             buffers: BTreeSet::new(),
             missing: Vec::new(),
             misshaped: Vec::new(),
+            counted: BTreeMap::new(),
         };
         Self {
             inner: Arc::new(Mutex::new(inner)),
@@ -171,8 +201,14 @@ impl ParamStore {
 
     fn create(&self, name: String, shape: &[usize], fill: Fill) -> candle_core::Result<Tensor> {
         let mut inner = self.lock();
-        if inner.vars.contains_key(&name) {
+        if inner.vars.contains_key(&name) || inner.counted.contains_key(&name) {
             candle_core::bail!("tensor {name} created twice: two layers share one name");
+        }
+        if let Source::Shapes = inner.source {
+            if !matches!(fill, Fill::Values(_)) {
+                inner.counted.insert(name, shape.iter().product());
+            }
+            return Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(shape);
         }
         let inner_ref = &mut *inner;
         let tensor = match &mut inner_ref.source {
@@ -192,6 +228,8 @@ impl ParamStore {
                 }
             },
             Source::Fresh(rng) => self.fill(rng, shape, &fill)?,
+            // Returned early above; kept total without a panic.
+            Source::Shapes => Tensor::zeros(shape, self.dtype, &self.device)?,
         };
         let is_buffer = matches!(fill, Fill::Values(_));
         let var = Var::from_tensor(&tensor)?;

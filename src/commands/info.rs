@@ -5,9 +5,9 @@ use std::fmt;
 
 use anyhow::Result;
 
-use crate::checkpoint::{detect_config, read_tensors};
+use crate::checkpoint::{detect_config_as, read_architecture, read_tensors};
 use crate::cli::InfoArgs;
-use crate::model::ModelConfig;
+use crate::model::{Activation, FluxModel, ModelConfig};
 
 /// A checkpoint's description.
 #[derive(Debug)]
@@ -19,6 +19,11 @@ pub struct Info {
     pub tensors: usize,
     /// Tensor count per stored dtype.
     pub dtypes: BTreeMap<String, usize>,
+    /// VAE (compressor + expander) parameters of the Bezier model of these dimensions.
+    pub bezier_vae_parameters: usize,
+    /// For a Bezier checkpoint: the parameter-matched baseline's width multiplier and VAE
+    /// parameter count (the same for ReLU, SiLU and GELU, which have no parameters).
+    pub matched_baseline: Option<(f64, usize)>,
 }
 
 /// Buffers saved in a state_dict that are not parameters.
@@ -37,7 +42,25 @@ fn component(name: &str) -> Option<String> {
 
 pub fn run(args: &InfoArgs) -> Result<Info> {
     let tensors = read_tensors(&args.checkpoint)?;
-    let config = detect_config(&tensors)?;
+    let (activation, mult) = read_architecture(&args.checkpoint)?;
+    let config = detect_config_as(&tensors, activation, mult)?;
+    let bezier = ModelConfig {
+        activation: Activation::Bezier,
+        baseline_width_mult: 1.0,
+        ..config.clone()
+    };
+    let bezier_vae_parameters = FluxModel::vae_parameter_count(&bezier)?;
+    let matched_baseline = if activation.is_bezier() {
+        let m = FluxModel::matched_width_mult(&bezier, Activation::Relu)?;
+        let relu = ModelConfig {
+            activation: Activation::Relu,
+            baseline_width_mult: m,
+            ..bezier.clone()
+        };
+        Some((m, FluxModel::vae_parameter_count(&relu)?))
+    } else {
+        None
+    };
     let mut parameters = BTreeMap::new();
     let mut dtypes = BTreeMap::new();
     let mut count = 0;
@@ -54,10 +77,20 @@ pub fn run(args: &InfoArgs) -> Result<Info> {
         parameters,
         tensors: count,
         dtypes,
+        bezier_vae_parameters,
+        matched_baseline,
     })
 }
 
 impl Info {
+    /// Parameters of the VAE (compressor and expander).
+    pub fn vae_parameters(&self) -> usize {
+        ["compressor", "expander"]
+            .iter()
+            .filter_map(|k| self.parameters.get(*k))
+            .sum()
+    }
+
     /// Parameters of the model file (`diffuser.*`): the reference's total.
     pub fn model_parameters(&self) -> usize {
         self.parameters
@@ -82,6 +115,15 @@ impl fmt::Display for Info {
             "  flow_dim {}  flow heads {}  flow blocks {}  text_embedding_dim {}  text hidden {}",
             c.flow_dim, c.flow_heads, c.flow_layers, c.text_embedding_dim, c.text_hidden
         )?;
+        if c.activation.is_bezier() {
+            writeln!(f, "activation: bezier")?;
+        } else {
+            writeln!(
+                f,
+                "activation: {} baseline, widths x{:.4}",
+                c.activation, c.baseline_width_mult
+            )?;
+        }
         writeln!(f, "parameters:")?;
         for (k, v) in self.parameters.iter().filter(|(k, _)| *k != "text_encoder") {
             writeln!(f, "  {k:<16} {}", group(*v))?;
@@ -92,6 +134,20 @@ impl fmt::Display for Info {
                 f,
                 "  text projection  {} (text_encoder.*, not in the total)",
                 group(*t)
+            )?;
+        }
+        writeln!(
+            f,
+            "VAE parameters (compressor + expander): {} ({}); the Bezier VAE of these dimensions: {}",
+            group(self.vae_parameters()),
+            c.activation,
+            group(self.bezier_vae_parameters)
+        )?;
+        if let Some((m, n)) = self.matched_baseline {
+            writeln!(
+                f,
+                "  a parameter-matched relu/silu/gelu baseline (baseline_width_mult {m:.4}): {}",
+                group(n)
             )?;
         }
         let dt: Vec<String> = self

@@ -14,8 +14,8 @@ use serde_yaml::Value;
 
 pub use optim_file::OptimFile;
 pub use sections::{
-    DataSection, ModelSection, OptimizationSection, OutputSection, SampleSize, SyntheticData,
-    TrainingSection,
+    DataSection, MatchedWidth, ModelSection, OptimizationSection, OutputSection, SampleSize,
+    SyntheticData, TrainingSection, WidthMult,
 };
 
 use crate::model::ModelConfig;
@@ -172,6 +172,11 @@ impl Config {
                 self.output.samples_per_checkpoint as f64,
             ),
             ("output.keep_last", self.output.keep_last as f64),
+            ("output.eval_limit", self.output.eval_limit as f64),
+            (
+                "output.eval_interval",
+                self.output.eval_interval.unwrap_or(1) as f64,
+            ),
         ];
         for (key, v) in positive {
             if v.is_nan() || v <= 0.0 {
@@ -248,12 +253,52 @@ impl Config {
                 }
             }
         }
+        self.baseline_width_mult()?;
         self.model_config().validate()?;
         Ok(())
     }
 
-    /// The model's dimensions.
+    /// The baseline's width multiplier: the configured number, or the parameter-matched one
+    /// (1 for Bezier).
+    pub fn baseline_width_mult(&self) -> Result<f64> {
+        let m = &self.model;
+        match m.baseline_width_mult {
+            _ if m.activation.is_bezier() => Ok(1.0),
+            WidthMult::Factor(f) if f.is_finite() && f > 0.0 => Ok(f),
+            WidthMult::Factor(f) => {
+                bail!("model.baseline_width_mult must be a positive number or `matched`, got {f}")
+            }
+            WidthMult::Matched(_) => {
+                let dims = ModelConfig {
+                    activation: m.activation,
+                    ..self.model_dims()
+                };
+                crate::model::FluxModel::matched_width_mult(&dims, m.activation).with_context(
+                    || "model.baseline_width_mult: matched: cannot count the parameters",
+                )
+            }
+        }
+    }
+
+    /// Steps between evaluations of `output.eval_data` (its interval, or the checkpoints').
+    pub fn eval_interval(&self) -> u64 {
+        self.output
+            .eval_interval
+            .unwrap_or(self.output.checkpoint_save_interval)
+    }
+
+    /// The model's dimensions and activation (a parameter-matched baseline width that cannot
+    /// be computed, which `validate` reports, falls back to 1).
     pub fn model_config(&self) -> ModelConfig {
+        ModelConfig {
+            activation: self.model.activation,
+            baseline_width_mult: self.baseline_width_mult().unwrap_or(1.0),
+            ..self.model_dims()
+        }
+    }
+
+    /// The model's dimensions, with the Bezier activation.
+    fn model_dims(&self) -> ModelConfig {
         let m = &self.model;
         ModelConfig {
             vae_dim: m.vae_dim,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::Activation;
 use crate::train::precision::MixedPrecision;
 
 /// `model:`
@@ -31,6 +32,33 @@ pub struct ModelSection {
     /// on by default there too): recompute the compressor's stages and each expander block in
     /// the backward pass instead of keeping their intermediates. Same results, less memory.
     pub use_gradient_checkpointing: bool,
+    /// Ours: the VAE's activation sites, `bezier` (the reference) or a `relu`, `silu` or
+    /// `gelu` baseline of the same architecture (see `model::activation`).
+    pub activation: Activation,
+    /// Ours: a baseline's internal widths times this number, or `matched` (the default): the
+    /// multiplier that gives the baseline the Bezier VAE's parameter count. Ignored for Bezier.
+    pub baseline_width_mult: WidthMult,
+}
+
+/// `model.baseline_width_mult`: a positive number or `matched`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WidthMult {
+    Matched(MatchedWidth),
+    Factor(f64),
+}
+
+/// The word `matched`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatchedWidth {
+    Matched,
+}
+
+impl Default for WidthMult {
+    fn default() -> Self {
+        WidthMult::Matched(MatchedWidth::Matched)
+    }
 }
 
 impl Default for ModelSection {
@@ -48,6 +76,8 @@ impl Default for ModelSection {
             flow_layers: 10,
             text_hidden: 768,
             use_gradient_checkpointing: true,
+            activation: Activation::Bezier,
+            baseline_width_mult: WidthMult::default(),
         }
     }
 }
@@ -263,6 +293,14 @@ pub struct OutputSection {
     pub generate_diagrams: bool,
     /// Ours: complete checkpoints kept.
     pub keep_last: usize,
+    /// Ours: a held-out image folder whose reconstruction quality (PSNR, SSIM, MS-SSIM) is
+    /// measured during training, with the EMA weights and the live ones.
+    pub eval_data: Option<PathBuf>,
+    /// Ours: steps between evaluations of `eval_data` (default: at each checkpoint), and at
+    /// the end of the run.
+    pub eval_interval: Option<u64>,
+    /// Ours: at most this many images of `eval_data` (the first in path order).
+    pub eval_limit: usize,
 }
 
 impl Default for OutputSection {
@@ -280,6 +318,9 @@ impl Default for OutputSection {
             log_file: None,
             generate_diagrams: false,
             keep_last: 3,
+            eval_data: None,
+            eval_interval: None,
+            eval_limit: 16,
         }
     }
 }

@@ -241,6 +241,13 @@ fn read_header(path: &Path, len: u64) -> Header {
     }
 }
 
+/// The image files under `root` (full paths, sorted by relative path) and the subfolders that
+/// could not be listed, without reading any file: what `fluxflow eval` walks.
+pub fn image_files(root: &Path) -> Result<(Vec<PathBuf>, Vec<BadFile>)> {
+    let (files, bad) = list_images(root)?;
+    Ok((files.into_iter().map(|f| root.join(f.rel)).collect(), bad))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::bezier::{BezierActivation, TrainableBezier};
+use super::activation::Activation;
+use super::bezier::TrainableBezier;
 use super::config::ModelConfig;
 use super::recompute::Recompute;
 use crate::nn::{Conv2d, ConvCfg, InitKind, LayerNorm, Linear, MultiheadAttention};
@@ -30,21 +31,32 @@ pub struct Encoded {
     pub logvar: Tensor,
 }
 
-/// A conv followed by the VAE's Bezier activation (`nn.Sequential(conv, BezierActivation)`).
+/// A conv followed by the VAE's Bezier activation (`nn.Sequential(conv, BezierActivation)`),
+/// or, for a baseline, a conv to `out_c` followed by the plain activation.
 #[derive(Debug, Clone)]
 struct ConvBezier {
     conv: Conv2d,
+    act: Activation,
 }
 
 impl ConvBezier {
     #[allow(clippy::too_many_arguments)]
-    fn new(in_c: usize, out_c: usize, k: usize, cfg: ConvCfg, bias: bool, pb: Pb) -> Result<Self> {
-        let conv = Conv2d::new(in_c, out_c * 5, k, cfg, bias, InitKind::Torch, pb.pp(0))?;
-        Ok(Self { conv })
+    fn new(
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        cfg: ConvCfg,
+        bias: bool,
+        act: Activation,
+        pb: Pb,
+    ) -> Result<Self> {
+        let out = act.site_width(out_c);
+        let conv = Conv2d::new(in_c, out, k, cfg, bias, InitKind::Torch, pb.pp(0))?;
+        Ok(Self { conv, act })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        BezierActivation::VAE.forward(&self.conv.forward(x)?)
+        self.act.apply(&self.conv.forward(x)?)
     }
 }
 
@@ -56,24 +68,29 @@ struct AttnBlock {
     norm2: LayerNorm,
     ff_in: Linear,
     ff_out: Linear,
+    act: Activation,
 }
 
 impl AttnBlock {
-    fn new(dim: usize, heads: usize, ff_mult: usize, pb: Pb) -> Result<Self> {
-        let hidden = dim * ff_mult;
+    /// `hidden`: the feed-forward width (dim x 2 in the reference).
+    fn new(dim: usize, heads: usize, hidden: usize, act: Activation, pb: Pb) -> Result<Self> {
+        let ff_in = act.site_width(hidden);
         Ok(Self {
             norm1: LayerNorm::new(dim, pb.pp("norm1"))?,
             attn: MultiheadAttention::new(dim, heads, pb.pp("attn"))?,
             norm2: LayerNorm::new(dim, pb.pp("norm2"))?,
-            ff_in: Linear::new(dim, hidden * 5, InitKind::Torch, pb.pp("ff").pp(0))?,
+            ff_in: Linear::new(dim, ff_in, InitKind::Torch, pb.pp("ff").pp(0))?,
             ff_out: Linear::new(hidden, dim, InitKind::Torch, pb.pp("ff").pp(2))?,
+            act,
         })
     }
 
     /// [B, T, D] -> [B, T, D]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = BezierActivation::VAE.forward(&self.ff_in.forward(&self.norm2.forward(&x)?)?)?;
+        let h = self
+            .act
+            .apply(&self.ff_in.forward(&self.norm2.forward(&x)?)?)?;
         x + self.ff_out.forward(&h)?
     }
 }
@@ -179,7 +196,13 @@ pub struct FluxCompressor {
 impl FluxCompressor {
     pub fn new(cfg: &ModelConfig, pb: Pb) -> Result<Self> {
         let d = cfg.vae_dim;
-        let ch = stage_channels(cfg.in_channels, d, cfg.downscales);
+        let act = cfg.activation;
+        // A baseline widens every width between two sites (all of them for Bezier: 1x).
+        let ch: Vec<usize> = stage_channels(cfg.in_channels, d, cfg.downscales)
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| if i == 0 { c } else { cfg.wide(c) })
+            .collect();
         let mut encoder_first_step = Vec::new();
         let mut encoder_z = Vec::new();
         for i in 0..cfg.downscales {
@@ -189,6 +212,7 @@ impl FluxCompressor {
                 3,
                 ConvCfg::pad(1),
                 false,
+                act,
                 pb.pp("encoder_first_step").pp(i),
             )?);
             let down = ConvCfg {
@@ -202,20 +226,25 @@ impl FluxCompressor {
                 8,
                 down,
                 true,
+                act,
                 pb.pp("encoder_z").pp(i),
             )?);
         }
+        // Two 1x1 sites, in_c -> d -> d; the width between them is internal.
         let heads = |name: &str, in_c: usize| -> Result<Vec<ConvBezier>> {
-            (0..2)
-                .map(|i| {
-                    let c = if i == 0 { in_c } else { d };
-                    ConvBezier::new(c, d, 1, ConvCfg::pad(0), true, pb.pp(name).pp(i))
-                })
-                .collect()
+            let (mid, pc) = (cfg.wide(d), ConvCfg::pad(0));
+            Ok(vec![
+                ConvBezier::new(in_c, mid, 1, pc, true, act, pb.pp(name).pp(0))?,
+                ConvBezier::new(mid, d, 1, pc, true, act, pb.pp(name).pp(1))?,
+            ])
         };
         let final_ch = ch[cfg.downscales];
+        let hidden = cfg.wide(d * 2);
         let token_attn = (0..cfg.vae_attn_layers)
-            .map(|i| AttnBlock::new(d, cfg.vae_attn_heads, 2, pb.pp("token_attn").pp(i)))
+            .map(|i| {
+                let pb = pb.pp("token_attn").pp(i);
+                AttnBlock::new(d, cfg.vae_attn_heads, hidden, act, pb)
+            })
             .collect::<Result<_>>()?;
         Ok(Self {
             encoder_first_step,

@@ -2,9 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::activation::Activation;
+
 /// Dimensions of the whole FluxFlow model (compressor, expander, flow processor, text
 /// projection). Defaults are the Phase 1 model of `configs/config-p1-128.yaml`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     /// Latent width of the VAE (`vae_dim`).
@@ -25,6 +27,11 @@ pub struct ModelConfig {
     pub text_hidden: usize,
     pub max_hw: usize,
     pub ctx_tokens: usize,
+    /// The VAE's activation sites: Bezier (the reference) or a plain baseline.
+    pub activation: Activation,
+    /// A baseline's internal widths are multiplied by this (see `model::activation`); 1 for
+    /// Bezier.
+    pub baseline_width_mult: f64,
 }
 
 impl Default for ModelConfig {
@@ -43,11 +50,23 @@ impl Default for ModelConfig {
             text_hidden: 768,
             max_hw: 1024,
             ctx_tokens: 4,
+            activation: Activation::Bezier,
+            baseline_width_mult: 1.0,
         }
     }
 }
 
 impl ModelConfig {
+    /// A width between two activation sites: `c` for Bezier, round(c x baseline_width_mult)
+    /// (at least 1) for a baseline.
+    pub fn wide(&self, c: usize) -> usize {
+        if self.activation.is_bezier() {
+            c
+        } else {
+            ((c as f64 * self.baseline_width_mult).round() as usize).max(1)
+        }
+    }
+
     /// Checks the combinations the layers need; the error names the field.
     pub fn validate(&self) -> anyhow::Result<()> {
         let positive = [
@@ -66,6 +85,12 @@ impl ModelConfig {
             if v == 0 {
                 anyhow::bail!("model.{name} must be positive");
             }
+        }
+        if !(self.baseline_width_mult.is_finite() && self.baseline_width_mult > 0.0) {
+            anyhow::bail!(
+                "model.baseline_width_mult must be a positive number, got {}",
+                self.baseline_width_mult
+            );
         }
         if self.in_channels != 3 {
             anyhow::bail!(

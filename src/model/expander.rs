@@ -3,7 +3,8 @@
 
 use candle_core::{Module, Result, Tensor};
 
-use super::bezier::{BezierActivation, TrainableBezier};
+use super::activation::Activation;
+use super::bezier::TrainableBezier;
 use super::compressor::latent_sizes;
 use super::conditioning::{ContextAttentionMixer, Spade};
 use super::config::ModelConfig;
@@ -18,10 +19,12 @@ struct ResidualUpsampleBlock {
     spade: Spade,
     up: ConvTranspose2d,
     conv: Conv2d,
+    act: Activation,
 }
 
 impl ResidualUpsampleBlock {
-    fn new(channels: usize, context: usize, pb: Pb) -> Result<Self> {
+    /// `mid`: the width between the two sites (`channels` in the reference).
+    fn new(channels: usize, mid: usize, context: usize, act: Activation, pb: Pb) -> Result<Self> {
         let c = channels;
         let conv_cfg = ConvCfg {
             padding: 4,
@@ -30,16 +33,25 @@ impl ResidualUpsampleBlock {
         };
         Ok(Self {
             spade: Spade::new(context, c, pb.pp("spade"))?,
-            up: ConvTranspose2d::new(c, c * 5, 16, 2, 7, InitKind::Torch, pb.pp("conv1").pp(0))?,
-            conv: Conv2d::new(
+            up: ConvTranspose2d::new(
                 c,
-                c * 5,
+                act.site_width(mid),
+                16,
+                2,
+                7,
+                InitKind::Torch,
+                pb.pp("conv1").pp(0),
+            )?,
+            conv: Conv2d::new(
+                mid,
+                act.site_width(c),
                 5,
                 conv_cfg,
                 true,
                 InitKind::Torch,
                 pb.pp("conv1").pp(2),
             )?,
+            act,
         })
     }
 
@@ -49,8 +61,8 @@ impl ResidualUpsampleBlock {
             Some(ctx) => self.spade.forward(x, ctx)?,
             None => x.clone(),
         };
-        let h = BezierActivation::VAE.forward(&self.up.forward(&h)?)?;
-        let h = BezierActivation::VAE.forward(&self.conv.forward(&h)?)?;
+        let h = self.act.apply(&self.up.forward(&h)?)?;
+        let h = self.act.apply(&self.conv.forward(&h)?)?;
         h + (upsample_nearest2x(x)? * 0.1)?
     }
 }
@@ -75,7 +87,7 @@ impl FluxExpander {
         let d = cfg.vae_dim;
         let up = pb.pp("upscale").pp("layers");
         let layers = (0..cfg.upscales)
-            .map(|i| ResidualUpsampleBlock::new(d, d, up.pp(i)))
+            .map(|i| ResidualUpsampleBlock::new(d, cfg.wide(d), d, cfg.activation, up.pp(i)))
             .collect::<Result<_>>()?;
         let rgb = pb.pp("to_rgb_conv");
         let conv = |i: usize, o: usize, k: usize, p: usize, n: usize| {

@@ -1,6 +1,7 @@
 //! The FluxFlow model, ported layer for layer from fluxflow-core (`models/`), with tensor names
 //! identical to the reference's state_dict.
 
+pub mod activation;
 pub mod bezier;
 pub mod compressor;
 pub mod conditioning;
@@ -12,6 +13,7 @@ pub mod text;
 
 use candle_core::{DType, Device, Result};
 
+pub use activation::Activation;
 pub use bezier::{BezierActivation, PreAct, TrainableBezier};
 pub use compressor::{Encoded, FluxCompressor, Noise};
 pub use config::ModelConfig;
@@ -56,6 +58,55 @@ impl FluxModel {
             flow_processor: FluxFlowProcessor::new(config, diffuser.pp("flow_processor"))?,
             text: TextProjection::new(config, root.pp("text_encoder").pp("ouput_layer"))?,
             params,
+        })
+    }
+
+    /// Trainable parameters of the VAE (compressor and expander) of `config`, counted from
+    /// the shapes alone (nothing allocated).
+    pub fn vae_parameter_count(config: &ModelConfig) -> Result<usize> {
+        let store = ParamStore::shapes(DType::F32, &Device::Cpu);
+        let diffuser = store.root().pp("diffuser");
+        FluxCompressor::new(config, diffuser.pp("compressor"))?;
+        FluxExpander::new(config, diffuser.pp("expander"))?;
+        Ok(store.parameter_count(DIFFUSER))
+    }
+
+    /// The `baseline_width_mult` whose `activation` baseline has the VAE parameter count
+    /// closest to the Bezier VAE of the same dimensions: the multiplier is searched by
+    /// bisection (the count grows with it) between 1/16 and 16, then the better of the two
+    /// neighbouring widths is taken.
+    pub fn matched_width_mult(config: &ModelConfig, activation: Activation) -> Result<f64> {
+        let bezier = ModelConfig {
+            activation: Activation::Bezier,
+            baseline_width_mult: 1.0,
+            ..config.clone()
+        };
+        let target = Self::vae_parameter_count(&bezier)? as i64;
+        if activation.is_bezier() {
+            return Ok(1.0);
+        }
+        let count = |m: f64| -> Result<i64> {
+            let c = ModelConfig {
+                activation,
+                baseline_width_mult: m,
+                ..config.clone()
+            };
+            Ok(Self::vae_parameter_count(&c)? as i64)
+        };
+        let (mut lo, mut hi) = (1.0 / 16.0, 16.0);
+        for _ in 0..40 {
+            let mid = (lo + hi) / 2.0;
+            if count(mid)? < target {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let (below, above) = (count(lo)?, count(hi)?);
+        Ok(if target - below < above - target {
+            lo
+        } else {
+            hi
         })
     }
 

@@ -1,4 +1,5 @@
-//! The five plots of `graph/`: overview (2x2), losses, KL with beta, learning rates, batch times.
+//! The six plots of `graph/`: overview (2x2), losses, KL with beta, learning rates, batch
+//! times, reconstruction quality (PSNR and SSIM over steps).
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +17,7 @@ pub const PLOT_SIZE: (u32, u32) = (1600, 800);
 pub const OVERVIEW_SIZE: (u32, u32) = (2000, 1300);
 
 /// The plot files in the order the report lists them: (file name, title, caption).
-pub const PLOT_FILES: [(&str, &str, &str); 5] = [
+pub const PLOT_FILES: [(&str, &str, &str); 6] = [
     (
         "training_overview.png",
         "Training Overview",
@@ -42,11 +43,16 @@ pub const PLOT_FILES: [(&str, &str, &str); 5] = [
         "Batch Times",
         "Seconds per step (and data wait when logged)",
     ),
+    (
+        "reconstruction_quality.png",
+        "Reconstruction Quality",
+        "PSNR (left axis) and SSIM (right axis) of output.eval_data, live and EMA weights, and each template's PSNR",
+    ),
 ];
 
 const STEP: &str = "Global Step";
 
-/// Renders the five plots into `graph_dir`, atomically; returns the paths written.
+/// Renders the six plots into `graph_dir`, atomically; returns the paths written.
 pub fn write_plots(log: &MetricsLog, resumes: &[f64], graph_dir: &Path) -> Result<Vec<PathBuf>> {
     let panels = [
         losses_panel(log, resumes),
@@ -62,7 +68,7 @@ pub fn write_plots(log: &MetricsLog, resumes: &[f64], graph_dir: &Path) -> Resul
         Ok(())
     })?;
     let mut pngs = vec![overview];
-    for panel in &panels {
+    for panel in panels.iter().chain([&quality_panel(log, resumes)]) {
         pngs.push(render_png(PLOT_SIZE.0, PLOT_SIZE.1, |root| {
             draw_panel(root, panel, 1.0)
         })?);
@@ -183,5 +189,53 @@ pub fn timing_panel(log: &MetricsLog, resumes: &[f64]) -> Panel {
         None,
         resumes,
         "no batch_time values logged",
+    )
+}
+
+/// PSNR of the held-out images (live and EMA) and of each template on the left axis, SSIM
+/// (live and EMA, dashed) on the right one.
+pub fn quality_panel(log: &MetricsLog, resumes: &[f64]) -> Panel {
+    let mut left = Vec::new();
+    for (i, (key, label)) in [
+        ("eval_psnr", "eval PSNR (live)"),
+        ("eval_psnr_ema", "eval PSNR (EMA)"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let points = log.series(Section::Metrics, key).points;
+        if !points.is_empty() {
+            left.push(Line::new(*label, points, PALETTE[i % PALETTE.len()]));
+        }
+    }
+    for (i, (stem, points)) in log.template_psnr().into_iter().enumerate() {
+        left.push(Line::new(
+            format!("template {stem} PSNR"),
+            points,
+            PALETTE[(i + 4) % PALETTE.len()],
+        ));
+    }
+    let mut right = Vec::new();
+    for (i, (key, label)) in [
+        ("eval_ssim", "eval SSIM (live, right axis)"),
+        ("eval_ssim_ema", "eval SSIM (EMA, right axis)"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let points = log.series(Section::Metrics, key).points;
+        if !points.is_empty() {
+            let mut l = Line::new(*label, points, PALETTE[i % PALETTE.len()]);
+            l.dashed = true;
+            right.push(l);
+        }
+    }
+    let right = (!right.is_empty()).then(|| Axis::new("SSIM", right));
+    panel(
+        "Reconstruction Quality",
+        Axis::new("PSNR (dB)", left),
+        right,
+        resumes,
+        "no PSNR logged (set output.eval_data, or output.test_image_address for templates)",
     )
 }

@@ -1,6 +1,7 @@
 //! `samples/<stem>/gallery.png`: the original, then every `NNNNN.webp` in step order, one
 //! labelled tile each, `MAX_COLUMNS` tiles per row.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
@@ -87,16 +88,20 @@ fn sample_set(dir: &Path) -> Option<SampleSet> {
 
 /// Composes and writes `<set.dir>/gallery.png`.
 pub fn write_gallery(set: &SampleSet) -> Result<Gallery> {
+    write_gallery_with_psnr(set, &BTreeMap::new())
+}
+
+/// [`write_gallery`] with each step's PSNR (dB, from the metrics log) in its caption.
+pub fn write_gallery_with_psnr(set: &SampleSet, psnr: &BTreeMap<u64, f64>) -> Result<Gallery> {
     ensure_font()?;
     let mut files: Vec<(String, &Path)> = Vec::new();
     if let Some(o) = &set.original {
         files.push(("original".into(), o));
     }
-    files.extend(
-        set.steps
-            .iter()
-            .map(|(s, p)| (format!("step {s}"), p.as_path())),
-    );
+    files.extend(set.steps.iter().map(|(s, p)| match psnr.get(s) {
+        Some(db) => (format!("step {s}: {db:.1} dB"), p.as_path()),
+        None => (format!("step {s}"), p.as_path()),
+    }));
     let decoded: Vec<Option<RgbImage>> = files
         .iter()
         .map(|(_, p)| image::open(p).ok().map(|i| i.to_rgb8()))

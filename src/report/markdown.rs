@@ -40,6 +40,7 @@ pub fn render(log: &MetricsLog, s: &SessionInfo, galleries: &[Gallery]) -> Strin
     for (file, title, caption) in PLOT_FILES {
         let _ = writeln!(o, "![{title}]({file})\n*{caption}*\n");
     }
+    quality(&mut o, log);
     learning_rates(&mut o, log);
     batch_times(&mut o, log);
     if !galleries.is_empty() {
@@ -144,6 +145,68 @@ fn observations(o: &mut String, log: &MetricsLog) {
     }
 }
 
+/// Evaluations of `output.eval_data` (live and EMA weights) and the templates' PSNR.
+fn quality(o: &mut String, log: &MetricsLog) {
+    let rows: Vec<&Row> = log
+        .rows
+        .iter()
+        .filter(|r| r.metrics.contains_key("eval_ssim"))
+        .collect();
+    let templates = log.template_psnr();
+    if rows.is_empty() && templates.is_empty() {
+        return;
+    }
+    o.push_str("\n### Reconstruction Quality\n\n");
+    if !rows.is_empty() {
+        o.push_str("Held-out images (`output.eval_data`), posterior mean, 8-bit; PSNR in dB. ");
+        o.push_str("SSIM and MS-SSIM as `fluxflow eval --help` defines them.\n\n");
+        o.push_str("| Step | PSNR | SSIM | MS-SSIM | PSNR (EMA) | SSIM (EMA) | MS-SSIM (EMA) |\n");
+        o.push_str("|------|------|------|---------|------------|------------|---------------|\n");
+        // The first evaluation, then up to the last nine.
+        let shown: Vec<&Row> = if rows.len() > 10 {
+            std::iter::once(rows[0])
+                .chain(rows[rows.len() - 9..].iter().copied())
+                .collect()
+        } else {
+            rows
+        };
+        for r in shown {
+            let v = |k: &str, d: usize| match r.metrics.get(k) {
+                Some(Some(x)) => format!("{x:.d$}"),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.global_step,
+                v("eval_psnr", 2),
+                v("eval_ssim", 4),
+                v("eval_ms_ssim", 4),
+                v("eval_psnr_ema", 2),
+                v("eval_ssim_ema", 4),
+                v("eval_ms_ssim_ema", 4)
+            );
+        }
+        o.push('\n');
+    }
+    if !templates.is_empty() {
+        o.push_str("| Template | First PSNR | Final PSNR | Best PSNR |\n");
+        o.push_str("|----------|------------|------------|-----------|\n");
+        for (stem, points) in &templates {
+            let (Some(first), Some(last)) = (points.first(), points.last()) else {
+                continue;
+            };
+            let best = points.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+            let _ = writeln!(
+                o,
+                "| `{stem}` | {:.2} dB (step {:.0}) | {:.2} dB (step {:.0}) | {best:.2} dB |",
+                first.1, first.0, last.1, last.0
+            );
+        }
+        o.push('\n');
+    }
+}
+
 fn learning_rates(o: &mut String, log: &MetricsLog) {
     let keys = log.keys(Section::LearningRates);
     if keys.is_empty() {
@@ -222,6 +285,10 @@ fn display_name(key: &str) -> String {
         "vae_loss" => "VAE Loss".into(),
         "kl_loss" => "KL Loss".into(),
         "kl_beta" => "KL Beta".into(),
+        "eval_psnr" => "Eval PSNR (dB)".into(),
+        "eval_psnr_ema" => "Eval PSNR, EMA (dB)".into(),
+        "eval_ssim" => "Eval SSIM".into(),
+        "eval_ssim_ema" => "Eval SSIM, EMA".into(),
         other => format!("`{other}`"),
     }
 }

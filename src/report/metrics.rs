@@ -27,6 +27,8 @@ pub struct SampleColour {
     pub r: ChannelStats,
     pub g: ChannelStats,
     pub b: ChannelStats,
+    /// PSNR (dB) of the 8-bit reconstruction against the template, when logged.
+    pub psnr: Option<f64>,
 }
 
 /// One logged row. Missing sections are empty maps; non-finite values are `None`.
@@ -128,6 +130,21 @@ impl MetricsLog {
         s
     }
 
+    /// Template PSNRs by image stem: (global_step, dB) in file order.
+    pub fn template_psnr(&self) -> BTreeMap<String, Vec<(f64, f64)>> {
+        let mut out: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        for row in &self.rows {
+            for (stem, c) in &row.samples {
+                if let Some(p) = c.psnr {
+                    out.entry(stem.clone())
+                        .or_default()
+                        .push((row.global_step as f64, p));
+                }
+            }
+        }
+        out
+    }
+
     /// The last row that carries sample colour statistics.
     pub fn latest_samples(&self) -> Option<&Row> {
         self.rows.iter().rev().find(|r| !r.samples.is_empty())
@@ -205,6 +222,7 @@ fn samples(obj: &Map<String, Value>) -> BTreeMap<String, SampleColour> {
                 r: channel(v, "r")?,
                 g: channel(v, "g")?,
                 b: channel(v, "b")?,
+                psnr: v.get("psnr").and_then(Value::as_f64),
             };
             Some((stem.clone(), colour))
         })

@@ -5,11 +5,13 @@
 //! `<run>/graph/session.json` and `<run>/samples/<stem>/{original.png, NNNNN.webp}` (optional).
 //! Output, rewritten atomically on every call:
 //! - `graph/training_summary.txt`
-//! - `graph/{training_overview, training_losses, kl_loss, learning_rates, batch_times}.png`
+//! - `graph/{training_overview, training_losses, kl_loss, learning_rates, batch_times,
+//!   reconstruction_quality}.png`
 //! - `samples/<stem>/gallery.png` for every sample folder
 //! - `graph/report.md`
 
 pub mod charts;
+pub mod compare;
 pub mod gallery;
 pub mod markdown;
 pub mod metrics;
@@ -39,7 +41,7 @@ pub struct ReportSummary {
     pub rows: usize,
     /// Non-blank lines that were skipped as unusable.
     pub malformed_lines: usize,
-    /// Every file written, in order (summary, five plots, galleries, report).
+    /// Every file written, in order (summary, six plots, galleries, report).
     pub files: Vec<PathBuf>,
     pub galleries: Vec<Gallery>,
     /// Things worth telling the user (an unreadable session file, undecodable samples).
@@ -87,8 +89,15 @@ pub fn generate(run_dir: &Path) -> Result<ReportSummary> {
     )?);
 
     let mut galleries = Vec::new();
+    let template_psnr = log.template_psnr();
     for set in gallery::find_samples(run_dir) {
-        let g = gallery::write_gallery(&set)?;
+        let psnr: std::collections::BTreeMap<u64, f64> = template_psnr
+            .get(&set.stem)
+            .into_iter()
+            .flatten()
+            .map(|&(step, db)| (step as u64, db))
+            .collect();
+        let g = gallery::write_gallery_with_psnr(&set, &psnr)?;
         if g.unreadable > 0 {
             notes.push(format!(
                 "{} unreadable sample files in {}",

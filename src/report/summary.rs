@@ -48,6 +48,21 @@ pub fn render(log: &MetricsLog, session: &SessionInfo) -> String {
             TIMING_EXTRAS.iter().map(|s| s.to_string()).collect(),
         ),
     ];
+    let templates = log.template_psnr();
+    if !templates.is_empty() {
+        out.push_str("\nTEMPLATE PSNR (dB, 8-bit reconstruction vs template)\n");
+        out.push_str(&"-".repeat(51));
+        out.push('\n');
+        for (stem, points) in &templates {
+            if let (Some(first), Some(last)) = (points.first(), points.last()) {
+                let _ = writeln!(
+                    out,
+                    "{stem}: {:.2} at step {:.0} -> {:.2} at step {:.0}",
+                    first.1, first.0, last.1, last.0
+                );
+            }
+        }
+    }
     for (title, section, keys) in sections {
         let blocks: Vec<String> = keys
             .iter()

@@ -11,7 +11,7 @@ use image::RgbImage;
 use serde_json::{json, Map, Value};
 
 use crate::data::scan::bucket_size;
-use crate::image_io::{from_tensor, load_rgb, save_image, to_tensor};
+use crate::image_io::{from_tensor, load_rgb, psnr, save_image, to_tensor};
 use crate::model::{FluxModel, Noise};
 
 /// One template image, at its training size.
@@ -53,7 +53,9 @@ pub fn load_templates(
         .collect()
 }
 
-/// Reconstructs every template at `step`; returns `{stem: {"r": [min, max, mean], ...}}`.
+/// Reconstructs every template at `step`; returns
+/// `{stem: {"r": [min, max, mean], "g": .., "b": .., "psnr": dB}}` (the PSNR of the written
+/// 8-bit reconstruction against the template at its training size; null when exact).
 pub fn write_samples(
     model: &FluxModel,
     templates: &[Template],
@@ -71,8 +73,11 @@ pub fn write_samples(
         }
         let enc = model.compressor.forward(&t.tensor, Noise::Mean)?;
         let y = model.expander.forward(&enc.packed, true)?.squeeze(0)?;
-        save_image(&from_tensor(&y)?, &dir.join(format!("{step:05}.webp")))?;
+        let recon = from_tensor(&y)?;
+        save_image(&recon, &dir.join(format!("{step:05}.webp")))?;
         let mut stats = Map::new();
+        let db = psnr(&recon, &t.image)?;
+        stats.insert("psnr".into(), json!(db.is_finite().then_some(db)));
         for (c, name) in ["r", "g", "b"].iter().enumerate() {
             let ch = y.get(c)?.flatten_all()?.to_dtype(DType::F64)?;
             let min: f64 = ch.min(0)?.to_scalar()?;

@@ -10,11 +10,12 @@ use super::events::{Events, Level};
 use super::state::LoopState;
 use super::step_loop::Run;
 use super::{RunSummary, StopSignal};
-use crate::checkpoint::{check_finite, read_tensors, write_atomic, TEXT_FILE};
+use crate::checkpoint::{check_finite, read_architecture, read_tensors, write_atomic, TEXT_FILE};
 use crate::config::{Config, OptimFile, Overrides};
 use crate::data::{scan, synthetic, BatchSampler, Dataset};
 use crate::device::parse_device;
-use crate::model::{FluxModel, DIFFUSER, TEXT};
+use crate::eval::EvalSet;
+use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
 use crate::params::ParamStore;
 use crate::train::metrics::{MetricsLog, Session};
 use crate::train::optim;
@@ -223,6 +224,7 @@ pub fn start(
     let absolute = |p: &PathBuf| p.canonicalize().unwrap_or_else(|_| p.clone());
     let template_paths: Vec<PathBuf> = template_paths.iter().map(absolute).collect();
     let templates = load_templates(&template_paths, cfg.data.img_size, dtype, &device)?;
+    let eval_set = load_eval_set(&cfg)?;
     if replace {
         // Only now that the new run's settings, data, device and templates are all valid.
         remove_run(&dir)?;
@@ -236,6 +238,7 @@ pub fn start(
     cfg.data.data_path = cfg.data.data_path.as_ref().map(absolute);
     cfg.data.captions_file = cfg.data.captions_file.as_ref().map(absolute);
     cfg.model_checkpoint = cfg.model_checkpoint.as_ref().map(absolute);
+    cfg.output.eval_data = cfg.output.eval_data.as_ref().map(absolute);
     let model = match &cfg.model_checkpoint {
         Some(p) => {
             let loaded = crate::checkpoint::load_model(p, dtype, &device)
@@ -281,6 +284,7 @@ pub fn start(
         dataset,
         sampler,
         templates,
+        eval_set,
         metrics,
         session,
         other_lrs: other,
@@ -288,6 +292,17 @@ pub fn start(
     };
     run.describe(events, &optim, spe, planned, total);
     run.run(events, stop, true)
+}
+
+/// The held-out images of `output.eval_data` (up to `output.eval_limit`, at their training
+/// size after `data.img_size`), if set.
+fn load_eval_set(cfg: &Config) -> Result<Option<EvalSet>> {
+    let Some(root) = &cfg.output.eval_data else {
+        return Ok(None);
+    };
+    EvalSet::load(root, Some(cfg.output.eval_limit), cfg.data.img_size)
+        .with_context(|| format!("output.eval_data: {}", root.display()))
+        .map(Some)
 }
 
 /// Learning rates of the models Phase 1 does not train, for the logs: (flow, text, disc).
@@ -318,6 +333,7 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
     let dtype = dtype_of(&cfg);
     check_batch_fits(&cfg, &dataset, dtype, &device)?;
     let templates = load_templates(&templates, cfg.data.img_size, dtype, &device)?;
+    let eval_set = load_eval_set(&cfg)?;
     let checkpoints = dir.list()?;
     if checkpoints.is_empty() {
         bail!(
@@ -380,6 +396,7 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
         dataset,
         sampler,
         templates,
+        eval_set,
         metrics,
         session,
         other_lrs: other,
@@ -445,8 +462,15 @@ fn restore(
             }
         }
     }
+    // The activation and baseline width are the checkpoint's (what its tensors were built for).
+    let (activation, baseline_width_mult) = read_architecture(&ckpt.join(MODEL_FILE))?;
+    let model_cfg = ModelConfig {
+        activation,
+        baseline_width_mult,
+        ..cfg.model_config()
+    };
     let store = ParamStore::loaded(tensors, vec![], dtype, device);
-    let model = FluxModel::build(&cfg.model_config(), store.clone())?;
+    let model = FluxModel::build(&model_cfg, store.clone())?;
     store.check_complete(&[DIFFUSER, TEXT])?;
     let opt = optim::build("vae", &state.trainer.optimizer.spec, vae_params(&model))?;
     let mut trainer = VaeTrainer::new(

@@ -1,6 +1,7 @@
 //! The step loop: batches from the loader, training steps, metrics rows, checkpoints, template
 //! samples, and the clean stops (end, max_steps, max_runtime, signals).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -14,12 +15,14 @@ use super::setup::{MODEL_FILE, TRAINER_FILE};
 use super::state::{reference_lrs, reference_training_state, LoopState};
 use super::{RunSummary, StopReason, StopSignal};
 use crate::checkpoint::{
-    to_safetensors_bytes, to_safetensors_bytes_exact, write_atomic, TEXT_FILE,
+    model_file_bytes, to_safetensors_bytes, to_safetensors_bytes_exact, write_atomic, TEXT_FILE,
 };
 use crate::config::{Config, OptimFile};
 use crate::data::rng::SplitMix64;
 use crate::data::{BatchSampler, Dataset, Loader, LoaderConfig, SamplerState};
+use crate::eval::{evaluate, EvalSet};
 use crate::model::{FluxModel, Noise, DIFFUSER, TEXT};
+use crate::params::ParamStore;
 use crate::train::adaptive::RollingMean;
 use crate::train::loss::kl_beta;
 use crate::train::metrics::{MetricsLog, Session};
@@ -38,6 +41,8 @@ pub(super) struct Run {
     pub dataset: Dataset,
     pub sampler: BatchSampler,
     pub templates: Vec<Template>,
+    /// The held-out images of `output.eval_data`.
+    pub eval_set: Option<EvalSet>,
     pub metrics: MetricsLog,
     pub session: Session,
     /// Learning rates of flow, text encoder and discriminator (not trained in Phase 1).
@@ -60,6 +65,7 @@ struct Counters {
     checkpoints_written: u64,
     last_checkpoint_step: Option<u64>,
     last_sample_step: Option<u64>,
+    last_eval_step: Option<u64>,
     elapsed_before: f64,
     vae_avg: RollingMean,
     kl_avg: RollingMean,
@@ -207,6 +213,7 @@ impl Run {
                 checkpoints_written: s.checkpoints_written,
                 last_checkpoint_step: Some(s.global_step),
                 last_sample_step: s.last_sample_step,
+                last_eval_step: None,
                 elapsed_before: s.elapsed_secs,
                 vae_avg: s.vae_avg.clone(),
                 kl_avg: s.kl_avg.clone(),
@@ -217,6 +224,7 @@ impl Run {
                 checkpoints_written: 0,
                 last_checkpoint_step: None,
                 last_sample_step: None,
+                last_eval_step: None,
                 elapsed_before: 0.0,
                 vae_avg: RollingMean::new(window),
                 kl_avg: RollingMean::new(window),
@@ -407,10 +415,17 @@ impl Run {
                 }
                 self.report(ev);
             }
+            if self.eval_set.is_some() && n.global_step % self.cfg.eval_interval() == 0 {
+                self.evaluate(&mut n, ev)?;
+                self.report(ev);
+            }
         };
         drop(loader);
         if !self.cfg.output.no_samples && n.last_sample_step != Some(n.global_step) {
             self.sample(&mut n, ev)?;
+        }
+        if self.eval_set.is_some() && n.last_eval_step != Some(n.global_step) {
+            self.evaluate(&mut n, ev)?;
         }
         if n.last_checkpoint_step != Some(n.global_step) {
             self.checkpoint(&mut n, total, spe, session_start, ev)?;
@@ -470,6 +485,69 @@ impl Run {
         Ok(())
     }
 
+    /// Reconstruction quality of `output.eval_data` with the live and the EMA weights, logged
+    /// as a metrics row (`eval_psnr`, `eval_ssim`, `eval_ms_ssim` and their `_ema` twins).
+    fn evaluate(&mut self, n: &mut Counters, ev: &mut dyn Events) -> Result<()> {
+        let Some(set) = &self.eval_set else {
+            return Ok(());
+        };
+        let batch = self.cfg.training.batch_size.max(1);
+        let live = evaluate(&self.model, set, batch, self.dtype, &self.device)
+            .with_context(|| format!("evaluating output.eval_data at step {}", n.global_step))?;
+        let ema_model = self.ema_model()?;
+        let ema =
+            evaluate(&ema_model, set, batch, self.dtype, &self.device).with_context(|| {
+                format!(
+                    "evaluating output.eval_data (EMA) at step {}",
+                    n.global_step
+                )
+            })?;
+        n.last_eval_step = Some(n.global_step);
+        let mut metrics = Map::new();
+        for (suffix, e) in [("", &live), ("_ema", &ema)] {
+            metrics.insert(format!("eval_psnr{suffix}"), json!(e.mean.psnr));
+            metrics.insert(format!("eval_ssim{suffix}"), json!(e.mean.ssim));
+            if let Some(m) = e.mean.ms_ssim {
+                metrics.insert(format!("eval_ms_ssim{suffix}"), json!(m));
+            }
+        }
+        let mut extras = Map::new();
+        extras.insert("eval_images".into(), json!(live.mean.images));
+        self.metrics.log(
+            n.sampler.epoch,
+            n.sampler.position as u64,
+            n.global_step,
+            metrics,
+            self.lrs_map(),
+            extras,
+        )?;
+        let db = |p: Option<f64>| p.map_or("inf".to_string(), |p| format!("{p:.2}"));
+        ev.log(
+            Level::Info,
+            &format!(
+                "eval of step {} on {} images: PSNR {} dB, SSIM {:.4} (EMA: {} dB, {:.4})",
+                n.global_step,
+                live.mean.images,
+                db(live.mean.psnr),
+                live.mean.ssim,
+                db(ema.mean.psnr),
+                ema.mean.ssim
+            ),
+        );
+        Ok(())
+    }
+
+    /// The model with the EMA weights in place of the live VAE weights.
+    fn ema_model(&self) -> Result<FluxModel> {
+        let mut tensors: HashMap<String, Tensor> =
+            self.model.params.tensors("").into_iter().collect();
+        tensors.extend(self.trainer.ema_shadow());
+        let store = ParamStore::loaded(tensors, vec![], self.dtype, &self.device);
+        let model = FluxModel::build(&self.model.config, store.clone())?;
+        store.check_complete(&[DIFFUSER, TEXT])?;
+        Ok(model)
+    }
+
     /// A complete checkpoint of the current step, and the reference's files at the root.
     fn checkpoint(
         &mut self,
@@ -479,7 +557,7 @@ impl Run {
         session_start: Instant,
         ev: &mut dyn Events,
     ) -> Result<()> {
-        let model_bytes = to_safetensors_bytes(&self.model.params.tensors(DIFFUSER))?;
+        let model_bytes = model_file_bytes(&self.model)?;
         let text_bytes = to_safetensors_bytes(&self.model.params.tensors(TEXT))?;
         let mut exact = self.trainer.state_tensors();
         if self.dtype != DType::F32 {

@@ -1,0 +1,204 @@
+//! Reconstruction quality of a model on a folder of images: each image decoded to 8-bit RGB,
+//! resized to its training size, encoded with the posterior mean and decoded with SPADE
+//! context in batches of one size, written back to 8 bits as `reconstruct` does, and scored
+//! with PSNR, SSIM and MS-SSIM (`crate::quality`). Used by `fluxflow eval` and by training's
+//! periodic evaluation (`output.eval_data`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::data::scan::{bucket_size, image_files};
+use crate::data::BadFile;
+use crate::image_io::{from_tensor, load_rgb, to_tensor};
+use crate::model::{FluxModel, Noise};
+use crate::quality::{measure, Planar, MS_SSIM_MIN_SIDE};
+
+/// One decoded image at its training size.
+pub struct EvalImage {
+    /// The path relative to the evaluated folder.
+    pub name: String,
+    pub image: RgbImage,
+    original: Planar,
+}
+
+/// The readable images of a folder and the files that were skipped.
+pub struct EvalSet {
+    pub images: Vec<EvalImage>,
+    pub skipped: Vec<BadFile>,
+}
+
+impl EvalSet {
+    /// Decodes up to `limit` images of `root` (recursively, sorted by path), each resized
+    /// (Lanczos) to its training size after the `img_size` cap. An unreadable, truncated or
+    /// empty file is skipped and recorded with its reason; only readable images count toward
+    /// `limit`. Errors: a folder that cannot be listed or holds no readable image.
+    pub fn load(root: &Path, limit: Option<usize>, img_size: Option<u32>) -> Result<Self> {
+        if !root.is_dir() {
+            anyhow::bail!("{} is not a folder of images", root.display());
+        }
+        let (files, mut skipped) = image_files(root)?;
+        let mut images = Vec::new();
+        for path in files {
+            if limit.is_some_and(|n| images.len() >= n) {
+                break;
+            }
+            let img = match load_rgb(&path) {
+                Ok(img) => img,
+                Err(e) => {
+                    // The outer context repeats the path; the cause is the reason.
+                    let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+                    let reason = if causes.is_empty() {
+                        e.to_string()
+                    } else {
+                        causes.join(": ")
+                    };
+                    skipped.push(BadFile { path, reason });
+                    continue;
+                }
+            };
+            let (w, h) = img.dimensions();
+            let (tw, th) = bucket_size(w, h, img_size);
+            let img = if (tw, th) == (w, h) {
+                img
+            } else {
+                image::imageops::resize(&img, tw, th, image::imageops::FilterType::Lanczos3)
+            };
+            let name = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            images.push(EvalImage {
+                name,
+                original: Planar::from_rgb8(&img),
+                image: img,
+            });
+        }
+        if images.is_empty() {
+            let first = skipped
+                .first()
+                .map(|b| format!(" (first skipped: {}: {})", b.path.display(), b.reason))
+                .unwrap_or_default();
+            anyhow::bail!("no readable images in {}{first}", root.display());
+        }
+        Ok(Self { images, skipped })
+    }
+}
+
+/// One image's scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageScore {
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    /// dB; +infinity (null in JSON) for an exact reconstruction.
+    pub psnr: Option<f64>,
+    pub ssim: f64,
+    /// None for images whose shorter side is under 161 pixels.
+    pub ms_ssim: Option<f64>,
+}
+
+/// The averages over the evaluated images.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Means {
+    /// Mean of the finite per-image PSNRs (None when every reconstruction is exact).
+    pub psnr: Option<f64>,
+    pub ssim: f64,
+    /// Mean over the images large enough for MS-SSIM; None when none is.
+    pub ms_ssim: Option<f64>,
+    pub images: usize,
+    pub ms_ssim_images: usize,
+}
+
+/// Scores of a model on an [`EvalSet`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub images: Vec<ImageScore>,
+    pub mean: Means,
+}
+
+impl Evaluation {
+    /// A note for images too small for MS-SSIM's five scales, if any.
+    pub fn ms_ssim_note(&self) -> Option<String> {
+        let small = self.mean.images - self.mean.ms_ssim_images;
+        (small > 0).then(|| {
+            format!(
+                "{small} of {} images have a shorter side under {MS_SSIM_MIN_SIDE} px, too small for \
+                 MS-SSIM's five scales with an 11-px window: their MS-SSIM is left out (null)",
+                self.mean.images
+            )
+        })
+    }
+}
+
+/// Reconstructs every image of `set` (posterior mean, SPADE context; `batch` images of one
+/// size per forward pass) with `model` in `dtype` on `device`, and scores each against its
+/// original.
+pub fn evaluate(
+    model: &FluxModel,
+    set: &EvalSet,
+    batch: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Evaluation> {
+    let mut by_size: BTreeMap<(u32, u32), Vec<usize>> = BTreeMap::new();
+    for (i, img) in set.images.iter().enumerate() {
+        by_size.entry(img.image.dimensions()).or_default().push(i);
+    }
+    let mut scores: Vec<Option<ImageScore>> = vec![None; set.images.len()];
+    for idx in by_size.values() {
+        for chunk in idx.chunks(batch.max(1)) {
+            let xs = chunk
+                .iter()
+                .map(|&i| to_tensor(&set.images[i].image, dtype, device))
+                .collect::<Result<Vec<_>>>()?;
+            let x = Tensor::cat(&xs, 0)?;
+            let names = || {
+                chunk
+                    .iter()
+                    .map(|&i| set.images[i].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let enc = model
+                .compressor
+                .forward(&x, Noise::Mean)
+                .with_context(|| format!("cannot encode {}", names()))?;
+            let y = model
+                .expander
+                .forward(&enc.packed, true)
+                .with_context(|| format!("cannot decode {}", names()))?;
+            for (k, &i) in chunk.iter().enumerate() {
+                let img = &set.images[i];
+                let recon = Planar::from_rgb8(&from_tensor(&y.get(k)?)?);
+                let q = measure(&recon, &img.original)
+                    .with_context(|| format!("cannot score {}", img.name))?;
+                let (w, h) = img.image.dimensions();
+                scores[i] = Some(ImageScore {
+                    name: img.name.clone(),
+                    width: w,
+                    height: h,
+                    psnr: q.psnr.is_finite().then_some(q.psnr),
+                    ssim: q.ssim,
+                    ms_ssim: q.ms_ssim,
+                });
+            }
+        }
+    }
+    let images: Vec<ImageScore> = scores.into_iter().flatten().collect();
+    let mean_of = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let ms: Vec<f64> = images.iter().filter_map(|s| s.ms_ssim).collect();
+    let mean = Means {
+        psnr: mean_of(images.iter().filter_map(|s| s.psnr).collect()),
+        ssim: mean_of(images.iter().map(|s| s.ssim).collect()).unwrap_or(f64::NAN),
+        ms_ssim_images: ms.len(),
+        ms_ssim: mean_of(ms),
+        images: images.len(),
+    };
+    Ok(Evaluation { images, mean })
+}
