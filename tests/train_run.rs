@@ -465,3 +465,108 @@ fn a_second_interrupt_exits_at_once_leaving_the_last_checkpoint_intact() {
         runs.verify(c).unwrap();
     }
 }
+
+#[test]
+fn resume_after_a_hard_kill_during_a_background_checkpoint_write_reproduces_the_losses() {
+    let straight = tmpdir("straight-bg");
+    let cfg = config(&straight, "");
+    let o = run(bin().args(["train", "--config", cfg.to_str().unwrap()]));
+    assert!(o.status.success(), "{}", text(&o));
+    let expected = step_losses(&straight.join("run"));
+
+    // Each checkpoint file takes 400 ms longer to write: the kill lands while step 8's
+    // checkpoint is being written, with step 4's complete.
+    let killed = tmpdir("killed-bg");
+    let cfg = config(&killed, "");
+    let mut child = bin()
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("FLUXFLOW_INJECT_WRITE_DELAY_MS", "400")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpts = killed.join("run/checkpoints");
+    wait_for(&ckpts.join("step-00000004"), Duration::from_secs(120));
+    wait_for(
+        &ckpts.join(".partial-step-00000008"),
+        Duration::from_secs(120),
+    );
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the run ended before the kill: {status:?}"
+    );
+    assert!(
+        !ckpts.join("step-00000008").exists(),
+        "the kill landed after the write"
+    );
+    let o = run(bin().args(["resume", "--output", killed.join("run").to_str().unwrap()]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("at step 4 of 16"), "{t}");
+    assert_eq!(step_losses(&killed.join("run")), expected);
+}
+
+#[test]
+fn a_run_with_samples_and_checkpoints_every_step_keeps_galleries_small_and_logs_ckpt_wait() {
+    let dir = tmpdir("every-step");
+    let cfg = config(&dir, "");
+    // 25 epochs of 8 steps: 200 steps, each with a checkpoint and template samples.
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "training.n_epochs=25",
+        "--set",
+        "output.checkpoint_save_interval=1",
+        "--set",
+        "output.samples_per_checkpoint=1",
+        "--set",
+        "data.synthetic.width=16",
+        "--set",
+        "data.synthetic.height=16",
+    ]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let r = dir.join("run");
+    let summary = fluxflow::report::generate(&r).unwrap();
+    assert!(!summary.galleries.is_empty());
+    for g in &summary.galleries {
+        // The original and 16 reconstructions, the first (step 0) and the newest among them.
+        assert!(g.tiles <= 17, "{}: {} tiles", g.stem, g.tiles);
+        assert_eq!(g.steps.first(), Some(&0), "{}", g.stem);
+        assert_eq!(g.steps.last(), Some(&200), "{}", g.stem);
+    }
+    // Every sample stays on disk.
+    let stem = &summary.galleries[0].stem;
+    let webps = std::fs::read_dir(r.join("samples").join(stem))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "webp")
+        })
+        .count();
+    assert_eq!(webps, 201);
+    let log = std::fs::read_to_string(r.join("graph/training_metrics.jsonl")).unwrap();
+    let rows: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["extras"].get("step_vae_loss").is_some())
+        .collect();
+    assert_eq!(rows.len(), 200);
+    for row in &rows {
+        let w = row["extras"]["ckpt_wait"].as_f64();
+        assert!(w.is_some_and(|w| w >= 0.0), "{row}");
+    }
+    let md = std::fs::read_to_string(r.join("graph/report.md")).unwrap();
+    assert!(
+        md.contains("Checkpoint and report wait") && md.contains("`ckpt_wait`"),
+        "{md}"
+    );
+}

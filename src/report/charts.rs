@@ -174,13 +174,17 @@ pub fn lr_panel(log: &MetricsLog, resumes: &[f64]) -> Panel {
     )
 }
 
-/// batch_time (raw and smoothed) and data_wait when logged.
+/// batch_time (raw and smoothed), and data_wait and ckpt_wait when logged.
 pub fn timing_panel(log: &MetricsLog, resumes: &[f64]) -> Panel {
     let bt = log.series(Section::Extras, "batch_time").points;
     let mut lines = raw_and_smoothed("batch_time", bt, PALETTE[3]);
     let wait = log.series(Section::Extras, "data_wait").points;
     if !wait.is_empty() {
         lines.extend(raw_and_smoothed("data_wait", wait, PALETTE[0]));
+    }
+    let ckpt = log.series(Section::Extras, "ckpt_wait").points;
+    if !ckpt.is_empty() {
+        lines.extend(raw_and_smoothed("ckpt_wait", ckpt, PALETTE[2]));
     }
     let axis = Axis::new("Seconds per step", lines);
     panel(

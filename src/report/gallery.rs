@@ -22,6 +22,24 @@ pub const LABEL_HEIGHT: u32 = 30;
 /// Margin around each picture inside its tile.
 pub const TILE_PAD: u32 = 6;
 
+/// The most reconstructions a gallery shows per template (the full series stays on disk as
+/// webp files): a rebuild decodes at most this many, however long the run.
+pub const MAX_RECONSTRUCTIONS: usize = 16;
+
+/// At most `most` indices of `0..n`, evenly spaced, always the first and the last.
+pub fn evenly_spaced(n: usize, most: usize) -> Vec<usize> {
+    if n <= most {
+        return (0..n).collect();
+    }
+    if most <= 1 {
+        return vec![n - 1];
+    }
+    // Strictly increasing since n > most: consecutive picks differ by at least 1.
+    (0..most)
+        .map(|i| ((i * (n - 1)) as f64 / (most - 1) as f64).round() as usize)
+        .collect()
+}
+
 /// The sample files of one test image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleSet {
@@ -98,10 +116,16 @@ pub fn write_gallery_with_psnr(set: &SampleSet, psnr: &BTreeMap<u64, f64>) -> Re
     if let Some(o) = &set.original {
         files.push(("original".into(), o));
     }
-    files.extend(set.steps.iter().map(|(s, p)| match psnr.get(s) {
-        Some(db) => (format!("step {s}: {db:.1} dB"), p.as_path()),
-        None => (format!("step {s}"), p.as_path()),
-    }));
+    let shown = evenly_spaced(set.steps.len(), MAX_RECONSTRUCTIONS);
+    files.extend(
+        shown
+            .iter()
+            .map(|&i| &set.steps[i])
+            .map(|(s, p)| match psnr.get(s) {
+                Some(db) => (format!("step {s}: {db:.1} dB"), p.as_path()),
+                None => (format!("step {s}"), p.as_path()),
+            }),
+    );
     let decoded: Vec<Option<RgbImage>> = files
         .iter()
         .map(|(_, p)| image::open(p).ok().map(|i| i.to_rgb8()))
@@ -155,7 +179,7 @@ pub fn write_gallery_with_psnr(set: &SampleSet, psnr: &BTreeMap<u64, f64>) -> Re
         rows,
         tile_height: tile_h,
         has_original: set.original.is_some(),
-        steps: set.steps.iter().map(|s| s.0).collect(),
+        steps: shown.iter().map(|&i| set.steps[i].0).collect(),
         unreadable: decoded.iter().filter(|d| d.is_none()).count(),
     })
 }

@@ -137,6 +137,22 @@ fn observations(o: &mut String, log: &MetricsLog) {
             "Data wait: mean {m} s per step ({share:.1}% of the mean batch time)"
         ));
     }
+    if let (Some(w), Some(b)) = (
+        stats(log, Section::Extras, "ckpt_wait"),
+        stats(log, Section::Extras, "batch_time"),
+    ) {
+        let share = if b.mean > 0.0 {
+            w.mean / b.mean * 100.0
+        } else {
+            0.0
+        };
+        let (m, hi) = (fmt_short(w.mean), fmt_short(w.max));
+        lines.push(format!(
+            "Checkpoint and report wait: mean {m} s per step, at most {hi} s ({share:.1}% of \
+             the mean batch time; checkpoints are written and the report rebuilt in the \
+             background)"
+        ));
+    }
     if !lines.is_empty() {
         o.push_str("\n**Key Observations**:\n");
         for (i, l) in lines.iter().enumerate() {

@@ -9,7 +9,7 @@ use super::stats::{fmt_fixed, Stats};
 /// Metrics shown first, in this order; any other metric keys follow alphabetically.
 pub const LEADING_METRICS: [&str; 3] = ["vae_loss", "kl_loss", "kl_beta"];
 /// Extras that are summarised (others, such as `eta_seconds`, are not statistics of the run).
-pub const TIMING_EXTRAS: [&str; 2] = ["batch_time", "data_wait"];
+pub const TIMING_EXTRAS: [&str; 3] = ["batch_time", "data_wait", "ckpt_wait"];
 
 /// Metric keys in display order.
 pub fn metric_keys(log: &MetricsLog) -> Vec<String> {

@@ -20,6 +20,10 @@ pub const CONFIG_FILE: &str = "run.yaml";
 /// name contains NAME fail half-way (as a full disk would), after K successful ones.
 pub const INJECT_FAILURE_ENV: &str = "FLUXFLOW_INJECT_WRITE_FAILURE";
 
+/// Test hook: `MS` makes each checkpoint file's write take MS milliseconds longer (a slow disk),
+/// so that a test can act while a background write is in flight.
+pub const INJECT_DELAY_ENV: &str = "FLUXFLOW_INJECT_WRITE_DELAY_MS";
+
 static INJECT_SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Whether the hook fails this write of `name`.
@@ -264,6 +268,12 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or_default();
     let mut f =
         fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    if let Some(ms) = std::env::var(INJECT_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     if injected_failure(&name) {
         f.write_all(&bytes[..bytes.len() / 2])?;
         bail!(

@@ -6,6 +6,7 @@ mod events;
 mod setup;
 mod state;
 mod step_loop;
+mod writer;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -13,9 +13,10 @@ use serde_json::{json, Map, Value};
 use super::events::{Events, Level, Progress};
 use super::setup::{MODEL_FILE, TRAINER_FILE};
 use super::state::{reference_lrs, reference_training_state, LoopState};
+use super::writer::{Reporter, Snapshot, Writer};
 use super::{RunSummary, StopReason, StopSignal};
 use crate::checkpoint::{
-    model_file_bytes, to_safetensors_bytes, to_safetensors_bytes_exact, write_atomic, TEXT_FILE,
+    model_file_bytes, to_safetensors_bytes, to_safetensors_bytes_exact, TEXT_FILE,
 };
 use crate::config::{Config, OptimFile};
 use crate::data::rng::SplitMix64;
@@ -254,6 +255,10 @@ impl Run {
         if fresh && !self.cfg.output.no_samples {
             self.sample(&mut n, ev)?;
         }
+        let writer = Writer::new(self.dir.clone())?;
+        let mut reporter = Reporter::new(&self.dir.root, self.metrics.path());
+        // Time the loop was blocked on checkpoints and report rebuilds since the last row.
+        let mut blocked = Duration::ZERO;
         ev.start(total, n.global_step);
         let max_runtime = self.cfg.max_runtime();
         let mut steps_this_session = 0;
@@ -271,6 +276,9 @@ impl Run {
             if stop.requested() {
                 break StopReason::Signal;
             }
+            // A failed background write stops training with its error.
+            writer.check()?;
+            reporter.drain(ev);
             if max_runtime.is_some_and(|m| session_start.elapsed() >= m) {
                 break StopReason::MaxRuntime;
             }
@@ -394,6 +402,8 @@ impl Run {
                     json!(remaining * recent.as_secs_f64()),
                 );
                 extras.insert("data_wait".into(), json!(waited.as_secs_f64()));
+                extras.insert("ckpt_wait".into(), json!(blocked.as_secs_f64()));
+                blocked = Duration::ZERO;
                 extras.insert("step_vae_loss".into(), json!(recon));
                 extras.insert("step_kl_loss".into(), json!(kl));
                 extras.insert("skipped_batches".into(), json!(self.trainer.skipped()));
@@ -407,17 +417,17 @@ impl Run {
                 )?;
             }
             if n.global_step % self.cfg.output.checkpoint_save_interval == 0 {
-                self.checkpoint(&mut n, total, spe, session_start, ev)?;
+                blocked += self.checkpoint(&writer, &mut n, total, spe, session_start, ev)?;
                 if n.checkpoints_written % self.cfg.output.samples_per_checkpoint == 0
                     && !self.cfg.output.no_samples
                 {
                     self.sample(&mut n, ev)?;
                 }
-                self.report(ev);
+                blocked += reporter.kick(ev);
             }
             if self.eval_set.is_some() && n.global_step % self.cfg.eval_interval() == 0 {
                 self.evaluate(&mut n, ev)?;
-                self.report(ev);
+                blocked += reporter.kick(ev);
             }
         };
         drop(loader);
@@ -428,9 +438,11 @@ impl Run {
             self.evaluate(&mut n, ev)?;
         }
         if n.last_checkpoint_step != Some(n.global_step) {
-            self.checkpoint(&mut n, total, spe, session_start, ev)?;
+            self.checkpoint(&writer, &mut n, total, spe, session_start, ev)?;
         }
-        self.report(ev);
+        // A stop waits for the last write; its error is the run's.
+        writer.finish()?;
+        reporter.finish(ev);
         ev.finish();
         let last = self.dir.list()?.first().map(|(_, p)| p.clone());
         Ok(RunSummary {
@@ -548,15 +560,21 @@ impl Run {
         Ok(model)
     }
 
-    /// A complete checkpoint of the current step, and the reference's files at the root.
+    /// A snapshot of the current step handed to the background writer: a complete checkpoint
+    /// and the reference's files at the root. Returns how long the loop was blocked (waiting
+    /// for the previous write, then taking the snapshot).
     fn checkpoint(
         &mut self,
+        writer: &Writer,
         n: &mut Counters,
         total: u64,
         spe: u64,
         session_start: Instant,
         ev: &mut dyn Events,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        // The previous snapshot's memory is released before this one is taken.
+        writer.wait()?;
         let model_bytes = model_file_bytes(&self.model)?;
         let text_bytes = to_safetensors_bytes(&self.model.params.tensors(TEXT))?;
         let mut exact = self.trainer.state_tensors();
@@ -586,28 +604,10 @@ impl Run {
             dtype: self.cfg.training.dtype.clone(),
             trainer: self.trainer.state(),
         };
-        let files = [
-            (MODEL_FILE, model_bytes),
-            (TEXT_FILE, text_bytes),
-            (TRAINER_FILE, trainer_bytes),
-        ];
-        let path = self.dir.save_checkpoint(
-            n.global_step,
-            &files,
-            json!({ "loop": state }),
-            self.cfg.output.keep_last,
-        )?;
-        n.last_checkpoint_step = Some(n.global_step);
         // The reference's files at the root, so its tools read our runs.
         let root = &self.dir.root;
-        write_atomic(&root.join(MODEL_FILE), &files[0].1)?;
-        write_atomic(&root.join(TEXT_FILE), &files[1].1)?;
         let [flow, text, disc] = self.other_lrs;
         let lrs = reference_lrs(flow, self.trainer.lr(), text, disc);
-        write_atomic(
-            &root.join("lr_sav.json"),
-            serde_json::to_string(&lrs)?.as_bytes(),
-        )?;
         let t = &self.cfg.training;
         let ts = reference_training_state(
             n.sampler.epoch,
@@ -617,27 +617,44 @@ impl Run {
             t.kl_beta,
             &lrs,
         );
-        write_atomic(
-            &root.join("training_state.json"),
-            serde_json::to_string_pretty(&ts)?.as_bytes(),
-        )?;
         self.session.skipped_batches = self.trainer.skipped();
         self.session.bad_files = self.bad_files;
-        self.session.save(&self.dir.graph().join("session.json"))?;
+        self.session.last_update = crate::train::metrics::now_iso();
+        let snap = Snapshot {
+            step: n.global_step,
+            files: vec![
+                (MODEL_FILE, model_bytes),
+                (TEXT_FILE, text_bytes),
+                (TRAINER_FILE, trainer_bytes),
+            ],
+            state: json!({ "loop": state }),
+            keep_last: self.cfg.output.keep_last,
+            copies: vec![(root.join(MODEL_FILE), 0), (root.join(TEXT_FILE), 1)],
+            after: vec![
+                (root.join("lr_sav.json"), serde_json::to_vec(&lrs)?),
+                (
+                    root.join("training_state.json"),
+                    serde_json::to_vec_pretty(&ts)?,
+                ),
+                (
+                    self.dir.graph().join("session.json"),
+                    serde_json::to_vec_pretty(&self.session)?,
+                ),
+            ],
+        };
+        writer.submit(snap)?;
+        n.last_checkpoint_step = Some(n.global_step);
         ev.log(
             Level::Info,
-            &format!("checkpoint of step {} in {}", n.global_step, path.display()),
+            &format!(
+                "checkpoint of step {} in {} (written in the background)",
+                n.global_step,
+                self.dir
+                    .checkpoints()
+                    .join(format!("step-{:08}", n.global_step))
+                    .display()
+            ),
         );
-        Ok(())
-    }
-
-    /// Regenerates the report artifacts; a failure is a warning, never the end of training.
-    fn report(&self, ev: &mut dyn Events) {
-        if !self.metrics.path().exists() {
-            return;
-        }
-        if let Err(e) = crate::report::generate(&self.dir.root) {
-            ev.log(Level::Warn, &format!("cannot update the report: {e:#}"));
-        }
+        Ok(start.elapsed())
     }
 }
