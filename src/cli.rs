@@ -37,11 +37,33 @@ pub enum Command {
     Info(InfoArgs),
 }
 
-/// Numeric precision of the computation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// Numeric precision of the computation (`--dtype`, `training.dtype`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
+    #[default]
     F32,
     F64,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F64 => candle_core::DType::F64,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F64 => "f64",
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]

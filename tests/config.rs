@@ -245,3 +245,204 @@ fn mixed_precision_and_checkpointing_settings_are_checked() {
         "{e}"
     );
 }
+
+fn set(keys: &[&str]) -> Overrides {
+    Overrides {
+        set: keys.iter().map(|s| s.to_string()).collect(),
+        ..Overrides::default()
+    }
+}
+
+#[test]
+fn typed_settings_are_checked_when_read_naming_the_key() {
+    let cases = [
+        ("training.dtype=f16", "training.dtype"),
+        ("training.device=gpu", "training.device"),
+        ("output.log_level=LOUD", "output.log_level"),
+        ("training.preserve_lr=false", "training.preserve_lr"),
+    ];
+    for (s, key) in cases {
+        let e = err(QUICKSTART, &set(&[s]));
+        assert!(
+            e.contains(key) && e.contains(&format!("--set {s}")),
+            "{s}: {e}"
+        );
+    }
+    let cfg = Config::parse(
+        QUICKSTART,
+        "q",
+        &set(&[
+            "training.dtype=f64",
+            "training.device=cuda:1",
+            "output.log_level=warning",
+        ]),
+    )
+    .unwrap();
+    assert_eq!(cfg.training.dtype.dtype(), candle_core::DType::F64);
+    assert_eq!(cfg.training.device.to_string(), "cuda:1");
+    assert_eq!(cfg.output.log_level, fluxflow::config::LogLevel::Warning);
+    // Written back as given, so a run's config copy reads back the same.
+    let again = Config::parse(
+        &serde_yaml::to_string(&cfg).unwrap(),
+        "copy",
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(again, cfg);
+}
+
+#[test]
+fn reference_keys_without_effect_are_named_in_a_warning() {
+    let values = |key: &str| -> &str {
+        match key {
+            "model.feature_maps_dim_disc"
+            | "data.webdataset_size"
+            | "data.webdataset_samples_per_shard"
+            | "data.dataloader_max_retries" => "7",
+            "data.dataloader_retry_delay" | "training.lambda_adv" | "training.lambda_lpips" => {
+                "0.25"
+            }
+            "output.generate_diagrams" => "true",
+            "output.sample_captions" => "[a cat]",
+            "output.sample_sizes" => "[512]",
+            _ => "something",
+        }
+    };
+    let quiet = Config::parse(QUICKSTART, "q", &Overrides::default()).unwrap();
+    assert!(
+        !quiet.warnings().iter().any(|w| w.contains("has no effect")),
+        "{:?}",
+        quiet.warnings()
+    );
+    for (key, _) in fluxflow::config::INERT_KEYS {
+        let s = format!("{key}={}", values(key));
+        let cfg =
+            Config::parse(QUICKSTART, "q", &set(&[&s])).unwrap_or_else(|e| panic!("{s}: {e:#}"));
+        let w = cfg.warnings();
+        assert!(
+            w.iter()
+                .any(|w| w.contains(key) && w.contains("has no effect")),
+            "{s}: {w:?}"
+        );
+    }
+}
+
+/// Every leaf key of the configuration, as `section.key`.
+fn leaf_keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) if !m.is_empty() => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaf_keys(v, &key, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+#[test]
+fn every_accepted_key_is_honoured_refused_when_on_or_named_as_inert() {
+    // Keys that change what a run does (each is read by the code that trains, samples, logs,
+    // evaluates or checkpoints); a new key must be added here, to INERT_KEYS, or to the
+    // refused list, so that none is accepted and ignored silently.
+    let honoured = [
+        "model.vae_dim",
+        "model.feature_maps_dim",
+        "model.text_embedding_dim",
+        "model.downscales",
+        "model.vae_attn_layers",
+        "model.vae_attn_heads",
+        "model.flow_heads",
+        "model.flow_layers",
+        "model.text_hidden",
+        "model.use_gradient_checkpointing",
+        "model.activation",
+        "model.baseline_width_mult",
+        "data.data_path",
+        "data.captions_file",
+        "data.img_size",
+        "data.channels",
+        "data.synthetic",
+        "training.n_epochs",
+        "training.batch_size",
+        "training.workers",
+        "training.lr",
+        "training.lr_min",
+        "training.use_fp16",
+        "training.initial_clipping_norm",
+        "training.preserve_lr",
+        "training.train_spade",
+        "training.kl_beta",
+        "training.kl_warmup_steps",
+        "training.kl_free_bits",
+        "training.max_steps",
+        "training.max_runtime",
+        "training.seed",
+        "training.adaptive_weights",
+        "training.freq_alpha",
+        "training.mse_weight",
+        "training.ema_decay",
+        "training.dtype",
+        "training.mixed_precision",
+        "training.device",
+        "training.training_steps",
+        "optimization.optim_sched_config",
+        "output.output_path",
+        "output.log_interval",
+        "output.checkpoint_save_interval",
+        "output.samples_per_checkpoint",
+        "output.no_samples",
+        "output.test_image_address",
+        "output.log_level",
+        "output.keep_last",
+        "output.eval_data",
+        "output.eval_interval",
+        "output.eval_limit",
+        "model_checkpoint",
+    ];
+    // Features refused when switched on (a_reference_config_parses_and_unsupported_features_are_named).
+    let refused = [
+        "training.train_vae",
+        "training.gan_training",
+        "training.use_lpips",
+        "training.train_diff",
+        "training.train_diff_full",
+        "data.use_webdataset",
+        "data.use_tt2m",
+        "data.reduced_min_sizes",
+        "output.log_file",
+    ];
+    let mut keys = Vec::new();
+    leaf_keys(
+        &serde_json::to_value(Config::default()).unwrap(),
+        "",
+        &mut keys,
+    );
+    let inert: Vec<&str> = fluxflow::config::INERT_KEYS
+        .iter()
+        .map(|(k, _)| *k)
+        .collect();
+    let unclassified: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            !honoured.contains(&k.as_str())
+                && !refused.contains(&k.as_str())
+                && !inert.contains(&k.as_str())
+        })
+        .collect();
+    assert!(
+        unclassified.is_empty(),
+        "accepted but unclassified: {unclassified:?}"
+    );
+    let stale: Vec<&&str> = honoured
+        .iter()
+        .chain(&refused)
+        .chain(&inert)
+        .filter(|k| !keys.contains(&k.to_string()))
+        .collect();
+    assert!(stale.is_empty(), "listed but not accepted: {stale:?}");
+}

@@ -570,3 +570,42 @@ fn a_run_with_samples_and_checkpoints_every_step_keeps_galleries_small_and_logs_
         "{md}"
     );
 }
+
+#[test]
+fn log_level_warning_keeps_only_warnings() {
+    let dir = tmpdir("log-level");
+    let cfg = config(&dir, "");
+    let args = |level: &str| {
+        vec![
+            "train".to_string(),
+            "--config".into(),
+            cfg.to_str().unwrap().into(),
+            "--max-steps".into(),
+            "2".into(),
+            "--force".into(),
+            "--set".into(),
+            format!("output.log_level={level}"),
+            // A setting that warns, to see warnings pass.
+            "--set".into(),
+            "training.lambda_adv=0.25".into(),
+        ]
+    };
+    let o = run(bin().args(args("INFO")));
+    let info = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{info}");
+    assert!(
+        info.contains("data: ") && info.contains("step 1/2"),
+        "{info}"
+    );
+    assert!(info.contains("warning: training.lambda_adv"), "{info}");
+    let o = run(bin().args(args("WARNING")));
+    let warn = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{warn}");
+    assert!(
+        !warn.contains("data: ") && !warn.contains("step 1/2"),
+        "{warn}"
+    );
+    assert!(warn.contains("warning: training.lambda_adv"), "{warn}");
+    // The run's own summary is the command's output, not a log line.
+    assert!(String::from_utf8_lossy(&o.stdout).contains("at step 2/2"));
+}

@@ -8,7 +8,6 @@ use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::parse_device;
 use crate::cli::{BenchArgs, Switch};
 use crate::config::{Config, Overrides, QUICKSTART};
 use crate::model::{FluxModel, Noise};
@@ -64,15 +63,11 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             &overrides,
         )?,
     };
-    let device = parse_device(&cfg.training.device)?;
+    let device = cfg.training.device.open()?;
     let tf32 = device.is_cuda() && args.tf32 == Switch::On;
     #[cfg(feature = "cuda")]
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
-    let dtype = if cfg.training.dtype == "f64" {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let dtype = cfg.training.dtype.dtype();
     let model_cfg = cfg.model_config();
     // The VAE halves the image `downscales` times and the expander doubles it back.
     let multiple = 1usize << model_cfg.downscales;

@@ -14,8 +14,8 @@ use serde_yaml::Value;
 
 pub use optim_file::OptimFile;
 pub use sections::{
-    DataSection, MatchedWidth, ModelSection, OptimizationSection, OutputSection, SampleSize,
-    SyntheticData, TrainingSection, WidthMult,
+    DataSection, LogLevel, MatchedWidth, ModelSection, OptimizationSection, OutputSection,
+    Precision, SampleSize, SyntheticData, TrainingSection, WidthMult,
 };
 
 use crate::model::ModelConfig;
@@ -41,6 +41,82 @@ pub struct Config {
     #[serde(skip)]
     pub model_section_missing: bool,
 }
+
+/// Reference keys that fluxflow reads but that change nothing here (the features they belong
+/// to are not supported, or fluxflow does the job another way), with why. Setting one to
+/// anything but its default is reported as a warning naming the key.
+pub const INERT_KEYS: &[(&str, &str)] = &[
+    (
+        "model.feature_maps_dim_disc",
+        "the discriminator belongs to GAN training, which fluxflow does not support",
+    ),
+    (
+        "model.pretrained_bert_model",
+        "the text backbone is loaded only for flow training, which fluxflow does not support",
+    ),
+    (
+        "data.fixed_prompt_prefix",
+        "prompts are used only by flow training",
+    ),
+    (
+        "data.webdataset_token",
+        "WebDataset streaming is not supported",
+    ),
+    (
+        "data.webdataset_url",
+        "WebDataset streaming is not supported",
+    ),
+    (
+        "data.webdataset_image_key",
+        "WebDataset streaming is not supported",
+    ),
+    (
+        "data.webdataset_label_key",
+        "WebDataset streaming is not supported",
+    ),
+    (
+        "data.webdataset_caption_key",
+        "WebDataset streaming is not supported",
+    ),
+    (
+        "data.webdataset_size",
+        "WebDataset streaming is not supported",
+    ),
+    (
+        "data.webdataset_samples_per_shard",
+        "WebDataset streaming is not supported",
+    ),
+    ("data.tt2m_token", "WebDataset streaming is not supported"),
+    (
+        "data.dataloader_max_retries",
+        "a file that fails to decode is dropped from the run at once, never retried",
+    ),
+    (
+        "data.dataloader_retry_delay",
+        "a file that fails to decode is dropped from the run at once, never retried",
+    ),
+    (
+        "data.tokenizer_name",
+        "text tokenisation is used only by flow training",
+    ),
+    (
+        "training.lambda_adv",
+        "the adversarial loss belongs to GAN training, which fluxflow does not support",
+    ),
+    ("training.lambda_lpips", "the LPIPS loss is not supported"),
+    (
+        "output.sample_captions",
+        "caption-conditioned samples belong to flow training",
+    ),
+    (
+        "output.sample_sizes",
+        "caption-conditioned samples belong to flow training",
+    ),
+    (
+        "output.generate_diagrams",
+        "fluxflow draws no model diagrams",
+    ),
+];
 
 /// `--set section.key=value` and the dedicated flags, applied over the file.
 #[derive(Debug, Clone, Default)]
@@ -83,7 +159,7 @@ impl Config {
             cfg.training.max_steps = Some(n);
         }
         if let Some(d) = &overrides.device {
-            cfg.training.device = d.clone();
+            cfg.training.device = d.parse().context("--device")?;
         }
         if let Err(e) = cfg.validate() {
             // Blame the last override of a key the error names, else the file.
@@ -138,6 +214,13 @@ impl Config {
         }
         if d.reduced_min_sizes.as_ref().is_some_and(|v| !v.is_empty()) {
             bail!("data.reduced_min_sizes: multi-scale training is not supported yet; remove it or set it to null");
+        }
+        if !t.preserve_lr {
+            bail!(
+                "training.preserve_lr: false is not supported: `fluxflow resume` always continues \
+                 with the saved learning rates, schedule and optimizer state (the reference's \
+                 --preserve_lr); set it to true or remove it"
+            );
         }
         if !t.train_vae {
             bail!("training.train_vae: false leaves nothing to train (flow training is not supported yet)");
@@ -208,23 +291,20 @@ impl Config {
                 bail!("data.img_size must be at least 16, got {cap}");
             }
         }
-        if !matches!(t.dtype.as_str(), "f32" | "f64") {
-            bail!("training.dtype must be f32 or f64, got {:?}", t.dtype);
-        }
         let mp_key = if t.use_fp16 {
             "training.use_fp16"
         } else {
             "training.mixed_precision"
         };
-        if t.mixed_precision() != MixedPrecision::No && t.dtype != "f32" {
+        if t.mixed_precision() != MixedPrecision::No && t.dtype != Precision::F32 {
             bail!(
                 "{mp_key}: {} keeps float32 master weights; set training.dtype to f32 (it is \
-                 {:?})",
+                 {})",
                 t.mixed_precision(),
                 t.dtype
             );
         }
-        if t.mixed_precision() != MixedPrecision::No && t.device == "cpu" {
+        if t.mixed_precision() != MixedPrecision::No && t.device.is_cpu() {
             bail!(
                 "{mp_key}: {} mixed precision runs on CUDA only; set training.device to cuda, or \
                  train in float32 on the CPU",
@@ -334,6 +414,24 @@ impl Config {
         }
     }
 
+    /// A warning for each [`INERT_KEYS`] entry set to something other than its default.
+    fn inert_settings(&self) -> Vec<String> {
+        let (Ok(current), Ok(default)) = (
+            serde_json::to_value(self),
+            serde_json::to_value(Config::default()),
+        ) else {
+            return Vec::new();
+        };
+        INERT_KEYS
+            .iter()
+            .filter(|(key, _)| {
+                let ptr = format!("/{}", key.replace('.', "/"));
+                current.pointer(&ptr) != default.pointer(&ptr)
+            })
+            .map(|(key, why)| format!("{key} is set but has no effect in fluxflow: {why}"))
+            .collect()
+    }
+
     /// `training.max_runtime` as a duration.
     pub fn max_runtime(&self) -> Option<Duration> {
         self.training
@@ -342,9 +440,10 @@ impl Config {
             .and_then(|s| parse_duration(s).ok())
     }
 
-    /// Warnings about settings that defeat themselves.
+    /// Warnings about settings that defeat themselves, and about reference keys set to a value
+    /// that has no effect here ([`INERT_KEYS`]).
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
+        let mut w = self.inert_settings();
         let t = &self.training;
         // Per-element KL of a fresh VAE is around 1e-2..1e0 nats; a floor far above that clamps
         // every element, and clamped elements carry no gradient.
@@ -359,7 +458,7 @@ impl Config {
             w.push("training.kl_beta = 0: the KL term has no weight.".into());
         }
         if self.model_section_missing {
-            let cpu = if t.device == "cpu" {
+            let cpu = if t.device.is_cpu() {
                 " on the CPU, where one step of it takes seconds to minutes"
             } else {
                 ""

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::cli::Precision;
+use crate::device::DeviceSpec;
 use crate::model::Activation;
 use crate::train::precision::MixedPrecision;
 
@@ -200,13 +202,13 @@ pub struct TrainingSection {
     pub mse_weight: f64,
     pub ema_decay: f64,
     /// f32 or f64: the dtype of the weights (the master weights under mixed precision).
-    pub dtype: String,
+    pub dtype: Precision,
     /// Ours: `no`, `bf16` or `fp16`; activations and convolutions in that 16-bit float, master
     /// weights, optimizer state, loss and norm statistics in float32. The reference's
     /// `use_fp16: true` means `fp16`.
     pub mixed_precision: MixedPrecision,
     /// cpu, cuda or cuda:N.
-    pub device: String,
+    pub device: DeviceSpec,
 }
 
 impl TrainingSection {
@@ -250,9 +252,9 @@ impl Default for TrainingSection {
             freq_alpha: 1.0,
             mse_weight: 0.1,
             ema_decay: 0.999,
-            dtype: "f32".into(),
+            dtype: Precision::F32,
             mixed_precision: MixedPrecision::No,
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -288,7 +290,9 @@ pub struct OutputSection {
     pub sample_captions: Vec<String>,
     /// Flow sampling only.
     pub sample_sizes: Vec<SampleSize>,
-    pub log_level: String,
+    /// Which log lines are printed: `DEBUG` and `INFO` print all, `WARNING` only warnings,
+    /// `ERROR` none (errors end the run and are always printed).
+    pub log_level: LogLevel,
     pub log_file: Option<PathBuf>,
     pub generate_diagrams: bool,
     /// Ours: complete checkpoints kept.
@@ -314,13 +318,41 @@ impl Default for OutputSection {
             test_image_address: Vec::new(),
             sample_captions: Vec::new(),
             sample_sizes: Vec::new(),
-            log_level: "INFO".into(),
+            log_level: LogLevel::Info,
             log_file: None,
             generate_diagrams: false,
             keep_last: 3,
             eval_data: None,
             eval_interval: None,
             eval_limit: 16,
+        }
+    }
+}
+
+/// `output.log_level`, as the reference spells it (Python logging's names, any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum LogLevel {
+    #[serde(rename = "DEBUG")]
+    Debug,
+    #[serde(rename = "INFO")]
+    Info,
+    #[serde(rename = "WARNING")]
+    Warning,
+    #[serde(rename = "ERROR")]
+    Error,
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.to_ascii_uppercase().as_str() {
+            "DEBUG" => Ok(Self::Debug),
+            "INFO" => Ok(Self::Info),
+            "WARNING" | "WARN" => Ok(Self::Warning),
+            "ERROR" | "CRITICAL" => Ok(Self::Error),
+            _ => Err(serde::de::Error::custom(format!(
+                "unknown log level {s:?}: use DEBUG, INFO, WARNING or ERROR"
+            ))),
         }
     }
 }

@@ -36,3 +36,48 @@ pub trait Events {
 pub struct NoEvents;
 
 impl Events for NoEvents {}
+
+/// Passes on what `level` lets through: `DEBUG` and `INFO` everything, `WARNING` warnings only
+/// (no progress lines), `ERROR` nothing (errors end the run and are printed by the caller).
+pub struct Filtered<'a> {
+    inner: &'a mut dyn Events,
+    level: crate::config::LogLevel,
+}
+
+impl<'a> Filtered<'a> {
+    pub fn new(inner: &'a mut dyn Events, level: crate::config::LogLevel) -> Self {
+        Self { inner, level }
+    }
+
+    fn info(&self) -> bool {
+        self.level <= crate::config::LogLevel::Info
+    }
+}
+
+impl Events for Filtered<'_> {
+    fn log(&mut self, level: Level, message: &str) {
+        let shown = match level {
+            Level::Info => self.info(),
+            Level::Warn => self.level <= crate::config::LogLevel::Warning,
+        };
+        if shown {
+            self.inner.log(level, message);
+        }
+    }
+
+    fn start(&mut self, total: u64, done: u64) {
+        if self.info() {
+            self.inner.start(total, done);
+        }
+    }
+
+    fn progress(&mut self, p: &Progress) {
+        if self.info() {
+            self.inner.progress(p);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.inner.finish();
+    }
+}

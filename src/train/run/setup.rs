@@ -6,14 +6,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::events::{Events, Level};
+use super::events::{Events, Filtered, Level};
 use super::state::LoopState;
 use super::step_loop::Run;
 use super::{RunSummary, StopSignal};
 use crate::checkpoint::{check_finite, read_architecture, read_tensors, write_atomic, TEXT_FILE};
 use crate::config::{Config, OptimFile, Overrides};
 use crate::data::{scan, synthetic, BatchSampler, Dataset};
-use crate::device::parse_device;
 use crate::eval::EvalSet;
 use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
 use crate::params::ParamStore;
@@ -32,11 +31,7 @@ pub const TRAINER_FILE: &str = "trainer.safetensors";
 pub const OPTIM_FILE: &str = "optim.json";
 
 fn dtype_of(cfg: &Config) -> DType {
-    if cfg.training.dtype == "f64" {
-        DType::F64
-    } else {
-        DType::F32
-    }
+    cfg.training.dtype.dtype()
 }
 
 /// Finds (or generates) and scans the data, before any model is built.
@@ -204,6 +199,8 @@ pub fn start(
     events: &mut dyn Events,
     stop: &StopSignal,
 ) -> Result<RunSummary> {
+    let mut filtered = Filtered::new(events, cfg.output.log_level);
+    let events: &mut dyn Events = &mut filtered;
     let dir = RunDir::new(&cfg.output.output_path);
     let _lock = dir.lock()?;
     let replace = dir.has_run();
@@ -217,7 +214,7 @@ pub fn start(
     }
     let (optim, optim_text) = optim_file(&cfg, None)?;
     let (dataset, template_paths) = prepare_data(&cfg, &dir, events)?;
-    let device = parse_device(&cfg.training.device)?;
+    let device = cfg.training.device.open()?;
     let dtype = dtype_of(&cfg);
     check_batch_fits(&cfg, &dataset, dtype, &device)?;
     // Absolute paths in the run's config copy, so `resume` works from any folder.
@@ -327,9 +324,11 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
     }
     let _lock = dir.lock()?;
     let cfg = Config::load(&cfg_path, &Overrides::default())?;
+    let mut filtered = Filtered::new(events, cfg.output.log_level);
+    let events: &mut dyn Events = &mut filtered;
     let (optim, _) = optim_file(&cfg, Some(&dir.root))?;
     let (dataset, templates) = prepare_data(&cfg, &dir, events)?;
-    let device = parse_device(&cfg.training.device)?;
+    let device = cfg.training.device.open()?;
     let dtype = dtype_of(&cfg);
     check_batch_fits(&cfg, &dataset, dtype, &device)?;
     let templates = load_templates(&templates, cfg.data.img_size, dtype, &device)?;

@@ -601,7 +601,7 @@ impl Run {
             bad_files: self.bad_files,
             vae_avg: n.vae_avg.clone(),
             kl_avg: n.kl_avg.clone(),
-            dtype: self.cfg.training.dtype.clone(),
+            dtype: self.cfg.training.dtype.to_string(),
             trainer: self.trainer.state(),
         };
         // The reference's files at the root, so its tools read our runs.
