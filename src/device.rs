@@ -56,7 +56,7 @@ impl fmt::Display for DeviceSpec {
 
 impl PartialEq<&str> for DeviceSpec {
     fn eq(&self, other: &&str) -> bool {
-        self.to_string() == *other
+        other.parse::<DeviceSpec>().is_ok_and(|o| o == *self)
     }
 }
 
