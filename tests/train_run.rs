@@ -609,3 +609,56 @@ fn log_level_warning_keeps_only_warnings() {
     // The run's own summary is the command's output, not a log line.
     assert!(String::from_utf8_lossy(&o.stdout).contains("at step 2/2"));
 }
+
+/// Rewrites a checkpoint folder as version 1 wrote it: one unkeyed trainer state, and the VAE's
+/// trainer tensors without the `vae.` prefix.
+fn downgrade_to_version_1(ckpt: &Path) {
+    let trainer = ckpt.join("trainer.safetensors");
+    let tensors = fluxflow::checkpoint::read_tensors(&trainer).unwrap();
+    let renamed: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (k.strip_prefix("vae.").map_or(k.clone(), str::to_string), t))
+        .collect();
+    assert!(renamed.keys().any(|k| k.starts_with("optim.")));
+    candle_core::safetensors::save(&renamed, &trainer).unwrap();
+    let path = ckpt.join("state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let vae = state["loop"]["trainers"]["vae"].clone();
+    let m = state["loop"].as_object_mut().unwrap();
+    m.remove("trainers");
+    m.insert("trainer".into(), vae);
+    m.insert("version".into(), 1.into());
+    let size = std::fs::metadata(&trainer).unwrap().len();
+    state["manifest"]["files"]["trainer.safetensors"] = size.into();
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+}
+
+#[test]
+fn a_version_1_checkpoint_resumes_exactly_and_a_newer_version_is_refused() {
+    let dir = tmpdir("versions");
+    let cfg = config(&dir, "");
+    let o = run(bin().args(["train", "--config", cfg.to_str().unwrap()]));
+    assert!(o.status.success(), "{}", text(&o));
+    let r = dir.join("run");
+    let expected = step_losses(&r);
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(r.join("checkpoints/step-00000016/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["loop"]["version"], 2);
+    assert!(state["loop"]["trainers"]["vae"].is_object());
+
+    // Step 16's state is from a newer fluxflow: refused, named, and resume falls back to 12.
+    let newest = r.join("checkpoints/step-00000016/state.json");
+    let mut s: Value = serde_json::from_slice(&std::fs::read(&newest).unwrap()).unwrap();
+    s["loop"]["version"] = 99.into();
+    std::fs::write(&newest, serde_json::to_vec(&s).unwrap()).unwrap();
+    // Step 12 as version 1 wrote it.
+    downgrade_to_version_1(&r.join("checkpoints/step-00000012"));
+    let o = run(bin().args(["resume", "--output", r.to_str().unwrap()]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("state version 99 is newer"), "{t}");
+    assert!(t.contains("at step 12 of 16"), "{t}");
+    assert_eq!(step_losses(&r), expected, "{t}");
+}

@@ -2,6 +2,7 @@
 //! scheduler), restoring one from its newest complete checkpoint, and the step loop with its
 //! logs, checkpoints, samples and clean stops.
 
+mod checkpoint;
 mod events;
 mod setup;
 mod state;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+pub use checkpoint::{read_loop_state, MODEL_FILE, TRAINER_FILE};
 pub use events::{Events, Level, NoEvents, Progress};
 pub use setup::{resume, start};
 pub use state::LoopState;

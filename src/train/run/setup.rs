@@ -1,32 +1,26 @@
 //! Starting a run from a configuration, and restoring one from its newest complete checkpoint.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
+use super::checkpoint::{restore, MODEL_FILE};
 use super::events::{Events, Filtered, Level};
-use super::state::LoopState;
 use super::step_loop::Run;
 use super::{RunSummary, StopSignal};
-use crate::checkpoint::{check_finite, read_architecture, read_tensors, write_atomic, TEXT_FILE};
+use crate::checkpoint::{write_atomic, TEXT_FILE};
 use crate::config::{Config, OptimFile, Overrides};
 use crate::data::{scan, synthetic, BatchSampler, Dataset};
 use crate::eval::EvalSet;
-use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
-use crate::params::ParamStore;
+use crate::model::FluxModel;
 use crate::train::metrics::{MetricsLog, Session};
 use crate::train::optim;
-use crate::train::run_dir::{RunDir, CONFIG_FILE, STATE_FILE};
+use crate::train::run_dir::{RunDir, CONFIG_FILE};
 use crate::train::sample::load_templates;
 use crate::train::schedule::Scheduler;
 use crate::train::step::{vae_params, VaeTrainer};
 
-/// The model file of a checkpoint (the reference's name).
-pub const MODEL_FILE: &str = "flxflow_final.safetensors";
-/// Optimizer moments, EMA and (for non-f32 runs) exact weights.
-pub const TRAINER_FILE: &str = "trainer.safetensors";
 /// The optimizer JSON as the run uses it, copied into the run folder.
 pub const OPTIM_FILE: &str = "optim.json";
 
@@ -402,82 +396,4 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
         state: Some(state),
     };
     run.run(events, stop, false)
-}
-
-/// Model, trainer and loop state from one checkpoint folder.
-fn restore(
-    dir: &RunDir,
-    ckpt: &Path,
-    cfg: &Config,
-    dtype: DType,
-    device: &Device,
-) -> Result<(FluxModel, VaeTrainer, LoopState)> {
-    let state = dir.verify(ckpt)?;
-    let state: LoopState = serde_json::from_value(
-        state
-            .get("loop")
-            .cloned()
-            .ok_or_else(|| anyhow!("no loop state in {}", ckpt.display()))?,
-    )
-    .with_context(|| format!("cannot read the loop state of {}", ckpt.display()))?;
-    let folder_step = ckpt
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("step-"))
-        .and_then(|n| n.parse::<u64>().ok());
-    if folder_step.is_some_and(|s| s != state.global_step) {
-        bail!(
-            "{} says global_step {}, but the folder holds step {}",
-            ckpt.join(STATE_FILE).display(),
-            state.global_step,
-            folder_step.unwrap_or_default()
-        );
-    }
-    if state.global_step > state.total_steps {
-        bail!(
-            "{} says global_step {}, beyond the run's {} steps",
-            ckpt.join(STATE_FILE).display(),
-            state.global_step,
-            state.total_steps
-        );
-    }
-    let read = |file: &str| -> Result<HashMap<String, Tensor>> {
-        let path = ckpt.join(file);
-        let t = read_tensors(&path)?;
-        check_finite(&t, &path)?;
-        Ok(t)
-    };
-    let mut tensors = read(MODEL_FILE)?;
-    tensors.extend(read(TEXT_FILE)?);
-    let trainer_tensors = read(TRAINER_FILE)?;
-    let mut rest: HashMap<String, Tensor> = HashMap::new();
-    for (k, t) in trainer_tensors {
-        match k.strip_prefix("weights.") {
-            Some(name) => {
-                tensors.insert(name.to_string(), t);
-            }
-            None => {
-                rest.insert(k, t.to_dtype(dtype)?.to_device(device)?);
-            }
-        }
-    }
-    // The activation and baseline width are the checkpoint's (what its tensors were built for).
-    let (activation, baseline_width_mult) = read_architecture(&ckpt.join(MODEL_FILE))?;
-    let model_cfg = ModelConfig {
-        activation,
-        baseline_width_mult,
-        ..cfg.model_config()
-    };
-    let store = ParamStore::loaded(tensors, vec![], dtype, device);
-    let model = FluxModel::build(&model_cfg, store.clone())?;
-    store.check_complete(&[DIFFUSER, TEXT])?;
-    let opt = optim::build("vae", &state.trainer.optimizer.spec, vae_params(&model))?;
-    let mut trainer = VaeTrainer::new(
-        state.trainer.config.clone(),
-        &model,
-        opt,
-        state.trainer.scheduler.clone(),
-    )?;
-    trainer.load_state(&state.trainer, &rest)?;
-    Ok((model, trainer, state))
 }

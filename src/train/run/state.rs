@@ -1,6 +1,8 @@
 //! What a checkpoint holds besides the weights, and the reference's `training_state.json` and
 //! `lr_sav.json` written beside them.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -30,11 +32,13 @@ pub struct LoopState {
     pub kl_avg: RollingMean,
     /// The compute dtype ("f32" or "f64").
     pub dtype: String,
-    pub trainer: TrainerState,
+    /// Each trained model's trainer state, by model name (`vae` in Phase 1).
+    pub trainers: BTreeMap<String, TrainerState>,
 }
 
 impl LoopState {
-    pub const VERSION: u32 = 1;
+    /// 2: trainer states keyed by model name (1: one trainer, the VAE's).
+    pub const VERSION: u32 = 2;
 }
 
 /// The reference's `training_state.json`.

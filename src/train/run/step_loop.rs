@@ -11,13 +11,9 @@ use rand::SeedableRng;
 use serde_json::{json, Map, Value};
 
 use super::events::{Events, Level, Progress};
-use super::setup::{MODEL_FILE, TRAINER_FILE};
-use super::state::{reference_lrs, reference_training_state, LoopState};
-use super::writer::{Reporter, Snapshot, Writer};
+use super::state::LoopState;
+use super::writer::{Reporter, Writer};
 use super::{RunSummary, StopReason, StopSignal};
-use crate::checkpoint::{
-    model_file_bytes, to_safetensors_bytes, to_safetensors_bytes_exact, TEXT_FILE,
-};
 use crate::config::{Config, OptimFile};
 use crate::data::rng::SplitMix64;
 use crate::data::{BatchSampler, Dataset, Loader, LoaderConfig, SamplerState};
@@ -60,16 +56,16 @@ fn step_rng(seed: u64, step: u64) -> StdRng {
 }
 
 /// Mutable counters of the loop.
-struct Counters {
-    global_step: u64,
-    sampler: SamplerState,
-    checkpoints_written: u64,
-    last_checkpoint_step: Option<u64>,
-    last_sample_step: Option<u64>,
-    last_eval_step: Option<u64>,
-    elapsed_before: f64,
-    vae_avg: RollingMean,
-    kl_avg: RollingMean,
+pub(super) struct Counters {
+    pub(super) global_step: u64,
+    pub(super) sampler: SamplerState,
+    pub(super) checkpoints_written: u64,
+    pub(super) last_checkpoint_step: Option<u64>,
+    pub(super) last_sample_step: Option<u64>,
+    pub(super) last_eval_step: Option<u64>,
+    pub(super) elapsed_before: f64,
+    pub(super) vae_avg: RollingMean,
+    pub(super) kl_avg: RollingMean,
 }
 
 impl Run {
@@ -558,103 +554,5 @@ impl Run {
         let model = FluxModel::build(&self.model.config, store.clone())?;
         store.check_complete(&[DIFFUSER, TEXT])?;
         Ok(model)
-    }
-
-    /// A snapshot of the current step handed to the background writer: a complete checkpoint
-    /// and the reference's files at the root. Returns how long the loop was blocked (waiting
-    /// for the previous write, then taking the snapshot).
-    fn checkpoint(
-        &mut self,
-        writer: &Writer,
-        n: &mut Counters,
-        total: u64,
-        spe: u64,
-        session_start: Instant,
-        ev: &mut dyn Events,
-    ) -> Result<Duration> {
-        let start = Instant::now();
-        // The previous snapshot's memory is released before this one is taken.
-        writer.wait()?;
-        let model_bytes = model_file_bytes(&self.model)?;
-        let text_bytes = to_safetensors_bytes(&self.model.params.tensors(TEXT))?;
-        let mut exact = self.trainer.state_tensors();
-        if self.dtype != DType::F32 {
-            exact.extend(
-                self.model
-                    .params
-                    .tensors("")
-                    .into_iter()
-                    .map(|(k, t)| (format!("weights.{k}"), t)),
-            );
-        }
-        let trainer_bytes = to_safetensors_bytes_exact(&exact)?;
-        n.checkpoints_written += 1;
-        let state = LoopState {
-            version: LoopState::VERSION,
-            global_step: n.global_step,
-            total_steps: total,
-            steps_per_epoch: spe,
-            sampler: n.sampler,
-            checkpoints_written: n.checkpoints_written,
-            last_sample_step: n.last_sample_step,
-            elapsed_secs: n.elapsed_before + session_start.elapsed().as_secs_f64(),
-            bad_files: self.bad_files,
-            vae_avg: n.vae_avg.clone(),
-            kl_avg: n.kl_avg.clone(),
-            dtype: self.cfg.training.dtype.to_string(),
-            trainer: self.trainer.state(),
-        };
-        // The reference's files at the root, so its tools read our runs.
-        let root = &self.dir.root;
-        let [flow, text, disc] = self.other_lrs;
-        let lrs = reference_lrs(flow, self.trainer.lr(), text, disc);
-        let t = &self.cfg.training;
-        let ts = reference_training_state(
-            n.sampler.epoch,
-            n.sampler.position as u64,
-            n.global_step,
-            t.kl_warmup_steps,
-            t.kl_beta,
-            &lrs,
-        );
-        self.session.skipped_batches = self.trainer.skipped();
-        self.session.bad_files = self.bad_files;
-        self.session.last_update = crate::train::metrics::now_iso();
-        let snap = Snapshot {
-            step: n.global_step,
-            files: vec![
-                (MODEL_FILE, model_bytes),
-                (TEXT_FILE, text_bytes),
-                (TRAINER_FILE, trainer_bytes),
-            ],
-            state: json!({ "loop": state }),
-            keep_last: self.cfg.output.keep_last,
-            copies: vec![(root.join(MODEL_FILE), 0), (root.join(TEXT_FILE), 1)],
-            after: vec![
-                (root.join("lr_sav.json"), serde_json::to_vec(&lrs)?),
-                (
-                    root.join("training_state.json"),
-                    serde_json::to_vec_pretty(&ts)?,
-                ),
-                (
-                    self.dir.graph().join("session.json"),
-                    serde_json::to_vec_pretty(&self.session)?,
-                ),
-            ],
-        };
-        writer.submit(snap)?;
-        n.last_checkpoint_step = Some(n.global_step);
-        ev.log(
-            Level::Info,
-            &format!(
-                "checkpoint of step {} in {} (written in the background)",
-                n.global_step,
-                self.dir
-                    .checkpoints()
-                    .join(format!("step-{:08}", n.global_step))
-                    .display()
-            ),
-        );
-        Ok(start.elapsed())
     }
 }
