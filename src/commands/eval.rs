@@ -30,6 +30,9 @@ pub struct EvalReport {
 }
 
 pub fn run(args: &EvalArgs) -> Result<EvalReport> {
+    if args.limit == Some(0) {
+        anyhow::bail!("--limit must be at least 1");
+    }
     let device = parse_device(&args.device)?;
     let set = EvalSet::load(&args.data, args.limit, None)?;
     let model = load_model(&args.checkpoint, DType::F32, &device)?.model;

@@ -356,17 +356,20 @@ impl Run {
                     extras,
                 )?;
             }
-            if n.global_step % self.cfg.output.checkpoint_save_interval == 0 {
+            let at_checkpoint = n.global_step % self.cfg.output.checkpoint_save_interval == 0;
+            if at_checkpoint {
                 self.checkpoint(&mut n, total, spe, session_start, ev)?;
                 if n.checkpoints_written % self.cfg.output.samples_per_checkpoint == 0
                     && !self.cfg.output.no_samples
                 {
                     self.sample(&mut n, ev)?;
                 }
-                self.report(ev);
             }
-            if self.eval_set.is_some() && n.global_step % self.cfg.eval_interval() == 0 {
+            let at_eval = self.eval_set.is_some() && n.global_step % self.cfg.eval_interval() == 0;
+            if at_eval {
                 self.evaluate(&mut n, ev)?;
+            }
+            if at_checkpoint || at_eval {
                 self.report(ev);
             }
         };
