@@ -77,6 +77,7 @@ fn eval_scores_each_image_skips_the_truncated_one_and_writes_json() {
 
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["activation"], "bezier");
     let images = v["images"].as_array().unwrap();
     let names: Vec<&str> = images.iter().map(|i| i["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["a.png", "c.png", "sub/b.png"]);

@@ -14,8 +14,8 @@ use serde_yaml::Value;
 
 pub use optim_file::OptimFile;
 pub use sections::{
-    DataSection, MatchedWidth, ModelSection, OptimizationSection, OutputSection, SampleSize,
-    SyntheticData, TrainingSection, WidthMult,
+    DataSection, MatchedWidth, ModelSection, ModelType, OptimizationSection, OutputSection,
+    SampleSize, SyntheticData, TrainingSection, WidthMult,
 };
 
 use crate::model::ModelConfig;
@@ -211,6 +211,16 @@ impl Config {
         }
         if d.data_path.is_none() && d.synthetic.is_none() {
             bail!("data.data_path is not set (or pass --data DIR)");
+        }
+        match (self.model.model_type, self.model.activation.is_bezier()) {
+            (Some(ModelType::Baseline), true) => bail!(
+                "model.model_type: baseline needs model.activation relu, silu or gelu (it is bezier)"
+            ),
+            (Some(ModelType::Bezier), false) => bail!(
+                "model.model_type: bezier contradicts model.activation: {}",
+                self.model.activation
+            ),
+            _ => {}
         }
         self.baseline_width_mult()?;
         self.model_config().validate()?;
