@@ -257,6 +257,17 @@ output:
     let expected = fluxflow::image_io::psnr(&recon, &original).unwrap();
     assert!((logged - expected).abs() < 1e-9, "{logged} vs {expected}");
 
+    // The gallery captions carry each step's PSNR as logged.
+    let r = fluxflow::report::generate(&run).unwrap();
+    let g = r.galleries.iter().find(|g| &g.stem == stem).unwrap();
+    let caption = format!("step {step}: {logged:.1} dB");
+    assert!(
+        g.captions.contains(&caption),
+        "{:?} lacks {caption}",
+        g.captions
+    );
+    assert_eq!(g.captions[0], "original");
+
     let report = std::fs::read_to_string(run.join("graph/report.md")).unwrap();
     assert!(report.contains("### Reconstruction Quality"), "{report}");
     assert!(report.contains("reconstruction_quality.png"), "{report}");
