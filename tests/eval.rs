@@ -278,6 +278,31 @@ output:
         "{summary}"
     );
     assert!(run.join("graph/reconstruction_quality.png").exists());
+
+    // Resumed from step 6 (the step-9 checkpoint removed): the rows up to 6 stay, evaluation
+    // 6 included, and steps 8 and 9 evaluate to the same numbers.
+    let evals_of = |run: &Path| -> Vec<(u64, serde_json::Value)> {
+        std::fs::read_to_string(run.join("graph/training_metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["metrics"].get("eval_psnr").is_some())
+            .map(|r| (r["global_step"].as_u64().unwrap(), r["metrics"].clone()))
+            .collect()
+    };
+    let before = evals_of(&run);
+    std::fs::remove_dir_all(run.join("checkpoints/step-00000009")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+        .args(["resume", "--output", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        str_of(&o.stdout),
+        str_of(&o.stderr)
+    );
+    assert_eq!(evals_of(&run), before);
 }
 
 #[test]

@@ -356,6 +356,12 @@ impl Run {
                     extras,
                 )?;
             }
+            // Evaluated before the checkpoint of the same step, so a run resumed from that
+            // checkpoint has the evaluation's row.
+            let at_eval = self.eval_set.is_some() && n.global_step % self.cfg.eval_interval() == 0;
+            if at_eval {
+                self.evaluate(&mut n, ev)?;
+            }
             let at_checkpoint = n.global_step % self.cfg.output.checkpoint_save_interval == 0;
             if at_checkpoint {
                 self.checkpoint(&mut n, total, spe, session_start, ev)?;
@@ -364,10 +370,6 @@ impl Run {
                 {
                     self.sample(&mut n, ev)?;
                 }
-            }
-            let at_eval = self.eval_set.is_some() && n.global_step % self.cfg.eval_interval() == 0;
-            if at_eval {
-                self.evaluate(&mut n, ev)?;
             }
             if at_checkpoint || at_eval {
                 self.report(ev);
