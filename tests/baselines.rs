@@ -281,6 +281,16 @@ fn activation_and_width_settings_are_checked_by_name() {
         m,
         FluxModel::matched_width_mult(&cfg.model_config(), Activation::Gelu).unwrap()
     );
+    // The reference's model_type must agree with the activation.
+    assert!(parse("model_type: bezier").is_ok());
+    assert!(parse("model_type: baseline, activation: relu").is_ok());
+    let e = format!("{:#}", parse("model_type: baseline").unwrap_err());
+    assert!(e.contains("model.model_type") && e.contains("relu"), "{e}");
+    let e = format!(
+        "{:#}",
+        parse("model_type: bezier, activation: gelu").unwrap_err()
+    );
+    assert!(e.contains("model.model_type") && e.contains("gelu"), "{e}");
     // Bezier ignores the multiplier.
     let cfg = parse("baseline_width_mult: 3.0").unwrap();
     assert_eq!(cfg.model_config(), ModelConfig::default());

@@ -77,6 +77,7 @@ fn eval_scores_each_image_skips_the_truncated_one_and_writes_json() {
 
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["activation"], "bezier");
     let images = v["images"].as_array().unwrap();
     let names: Vec<&str> = images.iter().map(|i| i["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["a.png", "c.png", "sub/b.png"]);
@@ -256,6 +257,17 @@ output:
     let expected = fluxflow::image_io::psnr(&recon, &original).unwrap();
     assert!((logged - expected).abs() < 1e-9, "{logged} vs {expected}");
 
+    // The gallery captions carry each step's PSNR as logged.
+    let r = fluxflow::report::generate(&run).unwrap();
+    let g = r.galleries.iter().find(|g| &g.stem == stem).unwrap();
+    let caption = format!("step {step}: {logged:.1} dB");
+    assert!(
+        g.captions.contains(&caption),
+        "{:?} lacks {caption}",
+        g.captions
+    );
+    assert_eq!(g.captions[0], "original");
+
     let report = std::fs::read_to_string(run.join("graph/report.md")).unwrap();
     assert!(report.contains("### Reconstruction Quality"), "{report}");
     assert!(report.contains("reconstruction_quality.png"), "{report}");
@@ -266,6 +278,31 @@ output:
         "{summary}"
     );
     assert!(run.join("graph/reconstruction_quality.png").exists());
+
+    // Resumed from step 6 (the step-9 checkpoint removed): the rows up to 6 stay, evaluation
+    // 6 included, and steps 8 and 9 evaluate to the same numbers.
+    let evals_of = |run: &Path| -> Vec<(u64, serde_json::Value)> {
+        std::fs::read_to_string(run.join("graph/training_metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["metrics"].get("eval_psnr").is_some())
+            .map(|r| (r["global_step"].as_u64().unwrap(), r["metrics"].clone()))
+            .collect()
+    };
+    let before = evals_of(&run);
+    std::fs::remove_dir_all(run.join("checkpoints/step-00000009")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+        .args(["resume", "--output", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        str_of(&o.stdout),
+        str_of(&o.stderr)
+    );
+    assert_eq!(evals_of(&run), before);
 }
 
 #[test]

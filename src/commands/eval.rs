@@ -19,6 +19,8 @@ use crate::eval::{evaluate, EvalSet, Evaluation};
 pub struct EvalReport {
     pub checkpoint: PathBuf,
     pub data: PathBuf,
+    /// The checkpoint's activation (`bezier`, or a baseline's).
+    pub activation: String,
     #[serde(flatten)]
     pub evaluation: Evaluation,
     /// Files that could not be decoded, with the reason.
@@ -30,10 +32,14 @@ pub struct EvalReport {
 }
 
 pub fn run(args: &EvalArgs) -> Result<EvalReport> {
+    if args.limit == Some(0) {
+        anyhow::bail!("--limit must be at least 1");
+    }
     let device = parse_device(&args.device)?;
     let set = EvalSet::load(&args.data, args.limit, None)?;
     let model = load_model(&args.checkpoint, DType::F32, &device)?.model;
     let evaluation = evaluate(&model, &set, args.batch, DType::F32, &device)?;
+    let activation = model.config.activation.to_string();
     let mut notes = Vec::new();
     if let Some(n) = evaluation.ms_ssim_note() {
         notes.push(n);
@@ -41,6 +47,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     let report = EvalReport {
         checkpoint: args.checkpoint.clone(),
         data: args.data.clone(),
+        activation,
         evaluation,
         skipped: set.skipped,
         notes,

@@ -14,8 +14,8 @@ use serde_yaml::Value;
 
 pub use optim_file::OptimFile;
 pub use sections::{
-    DataSection, LogLevel, MatchedWidth, ModelSection, OptimizationSection, OutputSection,
-    Precision, SampleSize, SyntheticData, TrainingSection, WidthMult,
+    DataSection, LogLevel, MatchedWidth, ModelSection, ModelType, OptimizationSection,
+    OutputSection, Precision, SampleSize, SyntheticData, TrainingSection, WidthMult,
 };
 
 use crate::model::ModelConfig;
@@ -332,6 +332,16 @@ impl Config {
                     bail!("{key} must be at most {most}, got {v}");
                 }
             }
+        }
+        match (self.model.model_type, self.model.activation.is_bezier()) {
+            (Some(ModelType::Baseline), true) => bail!(
+                "model.model_type: baseline needs model.activation relu, silu or gelu (it is bezier)"
+            ),
+            (Some(ModelType::Bezier), false) => bail!(
+                "model.model_type: bezier contradicts model.activation: {}",
+                self.model.activation
+            ),
+            _ => {}
         }
         self.baseline_width_mult()?;
         self.model_config().validate()?;

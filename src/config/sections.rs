@@ -40,6 +40,17 @@ pub struct ModelSection {
     /// Ours: a baseline's internal widths times this number, or `matched` (the default): the
     /// multiplier that gives the baseline the Bezier VAE's parameter count. Ignored for Bezier.
     pub baseline_width_mult: WidthMult,
+    /// The reference's later key: `bezier`, or `baseline` for a plain-activation VAE (then
+    /// `activation` says which); checked against `activation`.
+    pub model_type: Option<ModelType>,
+}
+
+/// `model.model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelType {
+    Bezier,
+    Baseline,
 }
 
 /// `model.baseline_width_mult`: a positive number or `matched`.
@@ -80,6 +91,7 @@ impl Default for ModelSection {
             use_gradient_checkpointing: true,
             activation: Activation::Bezier,
             baseline_width_mult: WidthMult::default(),
+            model_type: None,
         }
     }
 }

@@ -63,6 +63,8 @@ pub struct Gallery {
     pub has_original: bool,
     /// Sample steps in tile order.
     pub steps: Vec<u64>,
+    /// Each tile's caption, in tile order (`original`, `step 100: 21.3 dB`, ...).
+    pub captions: Vec<String>,
     /// Files that could not be decoded (drawn as grey tiles).
     pub unreadable: usize,
 }
@@ -180,6 +182,7 @@ pub fn write_gallery_with_psnr(set: &SampleSet, psnr: &BTreeMap<u64, f64>) -> Re
         tile_height: tile_h,
         has_original: set.original.is_some(),
         steps: shown.iter().map(|&i| set.steps[i].0).collect(),
+        captions: files.iter().map(|(c, _)| c.clone()).collect(),
         unreadable: decoded.iter().filter(|d| d.is_none()).count(),
     })
 }

@@ -412,17 +412,22 @@ impl Run {
                     extras,
                 )?;
             }
-            if n.global_step % self.cfg.output.checkpoint_save_interval == 0 {
+            // Evaluated before the checkpoint of the same step, so a run resumed from that
+            // checkpoint has the evaluation's row.
+            let at_eval = self.eval_set.is_some() && n.global_step % self.cfg.eval_interval() == 0;
+            if at_eval {
+                self.evaluate(&mut n, ev)?;
+            }
+            let at_checkpoint = n.global_step % self.cfg.output.checkpoint_save_interval == 0;
+            if at_checkpoint {
                 blocked += self.checkpoint(&writer, &mut n, total, spe, session_start, ev)?;
                 if n.checkpoints_written % self.cfg.output.samples_per_checkpoint == 0
                     && !self.cfg.output.no_samples
                 {
                     self.sample(&mut n, ev)?;
                 }
-                blocked += reporter.kick(ev);
             }
-            if self.eval_set.is_some() && n.global_step % self.cfg.eval_interval() == 0 {
-                self.evaluate(&mut n, ev)?;
+            if at_checkpoint || at_eval {
                 blocked += reporter.kick(ev);
             }
         };
