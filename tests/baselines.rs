@@ -1,29 +1,17 @@
 //! ReLU/SiLU/GELU baselines (`model.activation`): the parameter-matched width, and each
 //! baseline built, trained, saved, resumed, reconstructed and evaluated through the binary.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+use common::{bin, text};
 
 use fluxflow::model::{Activation, FluxModel, ModelConfig};
 use serde_json::Value;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fluxflow"))
-}
-
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fluxflow-base-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::fresh_dir("base", name)
 }
 
 const BASELINES: [Activation; 3] = [Activation::Relu, Activation::Silu, Activation::Gelu];

@@ -1,26 +1,14 @@
 //! `fluxflow compare` through the binary: two small runs of ours (Bezier and ReLU) and a run
 //! folder in the reference's shape, side by side.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fluxflow"))
-}
+use std::path::{Path, PathBuf};
+
+use common::{bin, text};
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fluxflow-cmp-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::fresh_dir("cmp", name)
 }
 
 fn train(dir: &Path, name: &str, activation: &str, held: &Path) -> PathBuf {

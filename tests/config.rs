@@ -362,6 +362,7 @@ fn every_accepted_key_is_honoured_refused_when_on_or_named_as_inert() {
         "model.use_gradient_checkpointing",
         "model.activation",
         "model.baseline_width_mult",
+        "model.model_type",
         "data.data_path",
         "data.captions_file",
         "data.img_size",

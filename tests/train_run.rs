@@ -1,21 +1,17 @@
 //! `fluxflow train` and `fluxflow resume` end to end, through the binary: the run's files,
 //! refusing to overwrite, bad files, SIGTERM, a hard kill, damaged checkpoints, write failures.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{bin, text};
 use serde_json::Value;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fluxflow"))
-}
-
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fluxflow-run-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::fresh_dir("run", name)
 }
 
 /// A tiny model on 16 generated images (12 of 32x32, 4 of 48x32): 8 steps per epoch.
@@ -49,14 +45,6 @@ output:
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("fluxflow runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// (global_step, step recon loss) of every training row of a run's metrics log.

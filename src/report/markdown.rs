@@ -123,30 +123,25 @@ fn observations(o: &mut String, log: &MetricsLog) {
         let (lo, hi, m) = (fmt_short(st.min), fmt_short(st.max), fmt_short(st.mean));
         lines.push(format!("Batch time: {lo}-{hi} s per step (mean {m} s)"));
     }
-    if let (Some(w), Some(b)) = (
-        stats(log, Section::Extras, "data_wait"),
-        stats(log, Section::Extras, "batch_time"),
-    ) {
+    // A wait's mean, its maximum and its share of the mean batch time.
+    let wait = |key: &str| -> Option<(String, String, f64)> {
+        let (w, b) = (
+            stats(log, Section::Extras, key)?,
+            stats(log, Section::Extras, "batch_time")?,
+        );
         let share = if b.mean > 0.0 {
             w.mean / b.mean * 100.0
         } else {
             0.0
         };
-        let m = fmt_short(w.mean);
+        Some((fmt_short(w.mean), fmt_short(w.max), share))
+    };
+    if let Some((m, _, share)) = wait("data_wait") {
         lines.push(format!(
             "Data wait: mean {m} s per step ({share:.1}% of the mean batch time)"
         ));
     }
-    if let (Some(w), Some(b)) = (
-        stats(log, Section::Extras, "ckpt_wait"),
-        stats(log, Section::Extras, "batch_time"),
-    ) {
-        let share = if b.mean > 0.0 {
-            w.mean / b.mean * 100.0
-        } else {
-            0.0
-        };
-        let (m, hi) = (fmt_short(w.mean), fmt_short(w.max));
+    if let Some((m, hi, share)) = wait("ckpt_wait") {
         lines.push(format!(
             "Checkpoint and report wait: mean {m} s per step, at most {hi} s ({share:.1}% of \
              the mean batch time; checkpoints are written and the report rebuilt in the \

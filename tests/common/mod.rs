@@ -104,3 +104,25 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
         "{name}: relative L2 error {err:e} exceeds {tol:e}"
     );
 }
+
+/// The `fluxflow` binary of this build.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+}
+
+/// A fresh folder `fluxflow-<kind>-<pid>-<name>` under the temp dir.
+pub fn fresh_dir(kind: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fluxflow-{kind}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A finished command's stdout and stderr together.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
