@@ -303,6 +303,19 @@ output:
         str_of(&o.stderr)
     );
     assert_eq!(evals_of(&run), before);
+
+    // Resumed at its last step, the finished run has nothing to do: no evaluation is repeated.
+    let o = Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+        .args(["resume", "--output", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", str_of(&o.stderr));
+    assert!(
+        str_of(&o.stderr).contains("at step 9 of 9"),
+        "{}",
+        str_of(&o.stderr)
+    );
+    assert_eq!(evals_of(&run), before);
 }
 
 #[test]

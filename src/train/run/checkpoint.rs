@@ -119,6 +119,7 @@ impl Run {
             sampler: n.sampler,
             checkpoints_written: n.checkpoints_written,
             last_sample_step: n.last_sample_step,
+            last_eval_step: n.last_eval_step,
             elapsed_secs: n.elapsed_before + session_start.elapsed().as_secs_f64(),
             bad_files: self.bad_files,
             vae_avg: n.vae_avg.clone(),

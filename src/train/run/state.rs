@@ -24,6 +24,10 @@ pub struct LoopState {
     pub checkpoints_written: u64,
     /// Step of the last template reconstruction.
     pub last_sample_step: Option<u64>,
+    /// Step of the last evaluation of `output.eval_data` (absent in checkpoints written
+    /// before it was saved).
+    #[serde(default)]
+    pub last_eval_step: Option<u64>,
     /// Training wall time over all sessions, in seconds.
     pub elapsed_secs: f64,
     pub bad_files: u64,

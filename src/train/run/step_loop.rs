@@ -210,7 +210,7 @@ impl Run {
                 checkpoints_written: s.checkpoints_written,
                 last_checkpoint_step: Some(s.global_step),
                 last_sample_step: s.last_sample_step,
-                last_eval_step: None,
+                last_eval_step: s.last_eval_step,
                 elapsed_before: s.elapsed_secs,
                 vae_avg: s.vae_avg.clone(),
                 kl_avg: s.kl_avg.clone(),
@@ -412,33 +412,42 @@ impl Run {
                     extras,
                 )?;
             }
-            // Evaluated before the checkpoint of the same step, so a run resumed from that
-            // checkpoint has the evaluation's row.
-            let at_eval = self.eval_set.is_some() && n.global_step % self.cfg.eval_interval() == 0;
+            // Evaluations and samples come before the checkpoint of the same step, so a run
+            // resumed from that checkpoint has their rows and does not repeat them; the run's
+            // last step gets both (what the end of the run would otherwise add after its
+            // checkpoint).
+            let last = n.global_step >= total;
+            let at_checkpoint = n.global_step % self.cfg.output.checkpoint_save_interval == 0;
+            let at_eval = self.eval_set.is_some()
+                && (n.global_step % self.cfg.eval_interval() == 0 || (last && at_checkpoint));
             if at_eval {
                 self.evaluate(&mut n, ev)?;
             }
-            let at_checkpoint = n.global_step % self.cfg.output.checkpoint_save_interval == 0;
             if at_checkpoint {
-                blocked += self.checkpoint(&writer, &mut n, total, spe, session_start, ev)?;
-                if n.checkpoints_written % self.cfg.output.samples_per_checkpoint == 0
-                    && !self.cfg.output.no_samples
-                {
+                let sampled_checkpoint =
+                    (n.checkpoints_written + 1) % self.cfg.output.samples_per_checkpoint == 0;
+                if (sampled_checkpoint || last) && !self.cfg.output.no_samples {
                     self.sample(&mut n, ev)?;
                 }
+                blocked += self.checkpoint(&writer, &mut n, total, spe, session_start, ev)?;
             }
             if at_checkpoint || at_eval {
                 blocked += reporter.kick(ev);
             }
         };
         drop(loader);
+        // What the last step has not done yet, then its checkpoint (again, if a sample or an
+        // evaluation came after the one it has, so that a resume does not repeat them).
+        let mut after_checkpoint = false;
         if !self.cfg.output.no_samples && n.last_sample_step != Some(n.global_step) {
             self.sample(&mut n, ev)?;
+            after_checkpoint = true;
         }
         if self.eval_set.is_some() && n.last_eval_step != Some(n.global_step) {
             self.evaluate(&mut n, ev)?;
+            after_checkpoint = true;
         }
-        if n.last_checkpoint_step != Some(n.global_step) {
+        if n.last_checkpoint_step != Some(n.global_step) || after_checkpoint {
             self.checkpoint(&writer, &mut n, total, spe, session_start, ev)?;
         }
         // A stop waits for the last write; its error is the run's.
