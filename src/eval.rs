@@ -12,9 +12,9 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::data::scan::{bucket_size, image_files};
+use crate::data::scan::image_files;
 use crate::data::BadFile;
-use crate::image_io::{from_tensor, load_rgb, to_tensor};
+use crate::image_io::{from_tensor, load_rgb, to_bucket_size, to_tensor};
 use crate::model::{FluxModel, Noise};
 use crate::quality::{measure, Planar, MS_SSIM_MIN_SIDE};
 
@@ -61,13 +61,7 @@ impl EvalSet {
                     continue;
                 }
             };
-            let (w, h) = img.dimensions();
-            let (tw, th) = bucket_size(w, h, img_size);
-            let img = if (tw, th) == (w, h) {
-                img
-            } else {
-                image::imageops::resize(&img, tw, th, image::imageops::FilterType::Lanczos3)
-            };
+            let img = to_bucket_size(img, img_size);
             let name = path
                 .strip_prefix(root)
                 .unwrap_or(&path)

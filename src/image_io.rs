@@ -66,6 +66,18 @@ pub fn to_training_size(img: RgbImage) -> RgbImage {
     }
 }
 
+/// The image resized (Lanczos) to its training size under the `data.img_size` cap, as the
+/// data loader gives it (unchanged when it already has that size).
+pub fn to_bucket_size(img: RgbImage, img_size: Option<u32>) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (tw, th) = crate::data::scan::bucket_size(w, h, img_size);
+    if (tw, th) == (w, h) {
+        img
+    } else {
+        image::imageops::resize(&img, tw, th, FilterType::Lanczos3)
+    }
+}
+
 /// RGB image -> [1, 3, H, W] tensor in [-1, 1] (x / 127.5 - 1).
 pub fn to_tensor(img: &RgbImage, dtype: DType, device: &Device) -> Result<Tensor> {
     let (w, h) = img.dimensions();

@@ -10,8 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde_json::{json, Map, Value};
 
-use crate::data::scan::bucket_size;
-use crate::image_io::{from_tensor, load_rgb, psnr, save_image, to_tensor};
+use crate::image_io::{from_tensor, load_rgb, psnr, save_image, to_bucket_size, to_tensor};
 use crate::model::{FluxModel, Noise};
 
 /// One template image, at its training size.
@@ -33,13 +32,7 @@ pub fn load_templates(
         .map(|p| {
             let img = load_rgb(p)
                 .with_context(|| format!("output.test_image_address: {}", p.display()))?;
-            let (w, h) = img.dimensions();
-            let (tw, th) = bucket_size(w, h, img_size);
-            let img = if (tw, th) == (w, h) {
-                img
-            } else {
-                image::imageops::resize(&img, tw, th, image::imageops::FilterType::Lanczos3)
-            };
+            let img = to_bucket_size(img, img_size);
             let stem = p
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
