@@ -147,6 +147,24 @@ pub fn evaluate(
     let mut scores: Vec<Option<ImageScore>> = vec![None; set.images.len()];
     for idx in by_size.values() {
         for chunk in idx.chunks(batch.max(1)) {
+            let (w, h) = set.images[chunk[0]].image.dimensions();
+            crate::memory::check_fits(
+                &format!(
+                    "reconstructing {} image(s) of {w}x{h} ({})",
+                    chunk.len(),
+                    set.images[chunk[0]].name
+                ),
+                crate::memory::activation_bytes(
+                    &model.config,
+                    chunk.len(),
+                    h as usize,
+                    w as usize,
+                    dtype,
+                    false,
+                ),
+                device,
+            )
+            .context("use a smaller --batch, or smaller images")?;
             let xs = chunk
                 .iter()
                 .map(|&i| to_tensor(&set.images[i].image, dtype, device))

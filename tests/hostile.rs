@@ -703,3 +703,30 @@ fn resume_falls_back_from_a_checkpoint_whose_weights_are_not_finite() {
         "{t}"
     );
 }
+
+#[test]
+fn eval_refuses_an_image_whose_reconstruction_cannot_fit_with_the_estimate() {
+    let dir = tmpdir("eval-big");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // tiny16 (vae_dim 16) at 4096x4096: tens of GB of activations.
+    image::RgbImage::from_fn(4096, 4096, |x, y| image::Rgb([x as u8, y as u8, 5]))
+        .save(data.join("huge.png"))
+        .unwrap();
+    let o = run_within(
+        bin().args([
+            "eval",
+            "--checkpoint",
+            parity("tiny16.safetensors").to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ]),
+        Duration::from_secs(60),
+    );
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("needs about") && t.contains("4096x4096") && t.contains("huge.png"),
+        "{t}"
+    );
+}
