@@ -473,8 +473,85 @@ fn serialize(
         .collect::<Result<Vec<_>>>()?;
     let mut meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     meta.extend(extra_meta.iter().cloned());
-    safetensors::serialize(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-        .map_err(|e| anyhow!("cannot serialise tensors: {e}"))
+    let views = converted
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), cpu_view(t)?)))
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("cannot serialise tensors: {e}"))
+}
+
+/// A contiguous CPU tensor's bytes, borrowed from its storage: candle's own `View` copies each
+/// tensor into a vector first, so serialising through it copies every checkpoint twice.
+struct CpuView<'a, G> {
+    /// The storage's read guard (candle's lock type), held while the bytes are borrowed.
+    storage: G,
+    /// First element and element count within the storage.
+    start: usize,
+    len: usize,
+    tensor: &'a Tensor,
+}
+
+fn cpu_view(
+    t: &Tensor,
+) -> Result<CpuView<'_, impl std::ops::Deref<Target = candle_core::Storage> + '_>> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("internal: a tensor to serialise is not contiguous");
+    };
+    if !matches!(&*storage, candle_core::Storage::Cpu(_)) {
+        bail!("internal: a tensor to serialise is not on the CPU");
+    }
+    Ok(CpuView {
+        storage,
+        start,
+        len: end - start,
+        tensor: t,
+    })
+}
+
+/// The bytes of `v[start..start + len]`.
+fn bytes_of<T: Copy>(v: &[T], start: usize, len: usize) -> &[u8] {
+    let v = &v[start..start + len];
+    // SAFETY: the slice is valid for `size_of_val(v)` bytes, and the element types used here
+    // (floats and integers) have no padding, so every byte is initialised; u8 needs no
+    // alignment.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> safetensors::View for CpuView<'_, G> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.tensor.dtype().into()
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.tensor.dims()
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        use candle_core::CpuStorage as C;
+        let (s, n) = (self.start, self.len);
+        let bytes = match &*self.storage {
+            candle_core::Storage::Cpu(c) => match c {
+                C::U8(v) => bytes_of(v, s, n),
+                C::U32(v) => bytes_of(v, s, n),
+                C::I16(v) => bytes_of(v, s, n),
+                C::I32(v) => bytes_of(v, s, n),
+                C::I64(v) => bytes_of(v, s, n),
+                C::BF16(v) => bytes_of(v, s, n),
+                C::F16(v) => bytes_of(v, s, n),
+                C::F32(v) => bytes_of(v, s, n),
+                C::F64(v) => bytes_of(v, s, n),
+                // Types a checkpoint never holds: candle's own copy.
+                _ => return safetensors::View::data(&self.tensor),
+            },
+            _ => return safetensors::View::data(&self.tensor),
+        };
+        std::borrow::Cow::Borrowed(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.len * self.tensor.dtype().size_in_bytes()
+    }
 }
 
 /// Saves the model file (`diffuser.*`) at `model_path` and the text projection as

@@ -184,3 +184,34 @@ fn truncated_empty_foreign_and_absent_files_are_errors_naming_the_file() {
     let e = load_err(&not_model);
     assert!(e.contains("cannot detect the VAE dimension"), "{e}");
 }
+
+#[test]
+fn serialisation_borrows_storage_and_writes_what_candle_writes() {
+    let dev = Device::Cpu;
+    let base = Tensor::arange(0f32, 60., &dev)
+        .unwrap()
+        .reshape((6, 10))
+        .unwrap();
+    let tensors = vec![
+        // Contiguous rows starting inside the storage (a non-zero offset).
+        ("a.offset".to_string(), base.narrow(0, 2, 3).unwrap()),
+        // Not contiguous: copied first.
+        ("b.transposed".to_string(), base.t().unwrap()),
+        ("c.f64".to_string(), Tensor::arange(0f64, 7., &dev).unwrap()),
+        (
+            "d.bf16".to_string(),
+            base.to_dtype(candle_core::DType::BF16).unwrap(),
+        ),
+    ];
+    let ours = fluxflow::checkpoint::to_safetensors_bytes_exact(&tensors).unwrap();
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.contiguous().unwrap()))
+        .collect();
+    let meta: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string())].into();
+    let candles =
+        safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+            .unwrap();
+    assert_eq!(ours, candles);
+}
