@@ -83,6 +83,15 @@ const MAX_HEADER: u64 = 100_000_000;
 /// model, its optimizer moments and its EMA are never integers), and a name listed twice is an
 /// error naming it.
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    read_tensors_where(path, |_| true)
+}
+
+/// [`read_tensors`] of the tensors whose name `keep` accepts: the others are checked as part
+/// of the file but neither read nor held to the dtype rule.
+pub fn read_tensors_where(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>> {
     let mut file =
         fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let len = file
@@ -120,12 +129,24 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let entries = parse_header(&header, len - 8 - n).map_err(|e| bad(format!("{e:#}")))?;
     let data_start = 8 + n;
     let mut out = HashMap::with_capacity(entries.len());
-    for e in entries {
+    for e in entries.into_iter().filter(|e| keep(&e.name)) {
+        let dtype = match e.dtype.as_str() {
+            "F64" => DType::F64,
+            "F32" => DType::F32,
+            "BF16" => DType::BF16,
+            "F16" => DType::F16,
+            other => bail!(
+                "{}: tensor {} is stored as {other}; a FluxFlow checkpoint holds floating-point \
+                 tensors only (F32, F64, BF16, F16)",
+                path.display(),
+                e.name
+            ),
+        };
         let mut bytes = vec![0u8; (e.end - e.begin) as usize];
         file.seek(SeekFrom::Start(data_start + e.begin))
             .and_then(|_| file.read_exact(&mut bytes))
             .with_context(|| format!("cannot read tensor {} of {}", e.name, path.display()))?;
-        let t = Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, &Device::Cpu)
+        let t = Tensor::from_raw_buffer(&bytes, dtype, &e.shape, &Device::Cpu)
             .with_context(|| format!("cannot decode tensor {} of {}", e.name, path.display()))?;
         out.insert(e.name, t);
     }
@@ -136,7 +157,8 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 /// exactly `shape` of `dtype`.
 struct HeaderEntry {
     name: String,
-    dtype: DType,
+    /// The format's dtype name (`F32`, `I64`, ...).
+    dtype: String,
     shape: Vec<usize>,
     begin: u64,
     end: u64,
@@ -191,15 +213,12 @@ fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<HeaderEntry>> {
         }
         let r: RawEntry = serde_json::from_value(value)
             .with_context(|| format!("tensor {name}: malformed header entry"))?;
-        let (dtype, size) = match r.dtype.as_str() {
-            "F64" => (DType::F64, 8),
-            "F32" => (DType::F32, 4),
-            "BF16" => (DType::BF16, 2),
-            "F16" => (DType::F16, 2),
-            other => bail!(
-                "tensor {name} is stored as {other}; a FluxFlow checkpoint holds floating-point \
-                 tensors only (F32, F64, BF16, F16)"
-            ),
+        let size: u64 = match r.dtype.as_str() {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "BF16" | "F16" | "I16" | "U16" => 2,
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+            other => bail!("tensor {name}: unknown dtype {other}"),
         };
         let [begin, end] = r.data_offsets;
         let elements = r
@@ -219,7 +238,7 @@ fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<HeaderEntry>> {
         let shape = r.shape.iter().map(|&d| d as usize).collect();
         entries.push(HeaderEntry {
             name,
-            dtype,
+            dtype: r.dtype,
             shape,
             begin,
             end,
@@ -348,6 +367,14 @@ pub fn check_finite(tensors: &HashMap<String, Tensor>, source: &Path) -> Result<
     Ok(())
 }
 
+/// The prefix of the DistilBERT backbone a reference run saves in its text encoder file; the
+/// model does not use it (flow training is not supported), so it is not read.
+pub const TEXT_BACKBONE: &str = "text_encoder.language_model.";
+
+fn not_backbone(name: &str) -> bool {
+    !name.starts_with(TEXT_BACKBONE)
+}
+
 /// A model loaded from a checkpoint, and where its text projection came from.
 pub struct Loaded {
     pub model: FluxModel,
@@ -358,10 +385,10 @@ pub struct Loaded {
 /// Loads a model file (and its text projection: from the same file if it holds
 /// `text_encoder.*`, else from `text_encoder.safetensors` beside it, else fresh). Every
 /// `diffuser.*` tensor must be there with the right shape and no other `diffuser.*` tensor may
-/// be; tensors under other prefixes are ignored. Non-finite weights are refused
-/// ([`check_finite`]).
+/// be; tensors under other prefixes, and the reference's text backbone ([`TEXT_BACKBONE`],
+/// never read), are ignored. Non-finite weights are refused ([`check_finite`]).
 pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
-    let mut tensors = read_tensors(path)?;
+    let mut tensors = read_tensors_where(path, not_backbone)?;
     check_finite(&tensors, path)?;
     let mut text_source = None;
     if tensors.keys().any(|k| k.starts_with(TEXT)) {
@@ -369,7 +396,7 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> 
     } else {
         let beside = path.with_file_name(TEXT_FILE);
         if beside.is_file() && beside != path {
-            let text = read_tensors(&beside)?;
+            let text = read_tensors_where(&beside, not_backbone)?;
             check_finite(&text, &beside)?;
             for (k, v) in text {
                 if k.starts_with(TEXT) {

@@ -215,3 +215,37 @@ fn serialisation_borrows_storage_and_writes_what_candle_writes() {
             .unwrap();
     assert_eq!(ours, candles);
 }
+
+#[test]
+fn a_reference_text_file_with_its_backbone_loads_and_integer_model_tensors_are_refused() {
+    let dir = tmpdir("backbone");
+    let model = FluxModel::fresh(&tiny(), DType::F32, &Device::Cpu, 3).unwrap();
+    let path = dir.join("model.safetensors");
+    save_model(&model, &path).unwrap();
+    // The reference saves DistilBERT beside the projection, with an int64 buffer among it.
+    let text_path = dir.join(TEXT_FILE);
+    let mut text = read_tensors(&text_path).unwrap();
+    text.insert(
+        "text_encoder.language_model.embeddings.position_ids".into(),
+        Tensor::arange(0i64, 16, &Device::Cpu).unwrap(),
+    );
+    text.insert(
+        "text_encoder.language_model.embeddings.word_embeddings.weight".into(),
+        Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&text, &text_path).unwrap();
+    let loaded = load_model(&path, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(loaded.text_source.as_deref(), Some(text_path.as_path()));
+
+    // An integer tensor the model uses is refused by name.
+    text.insert(
+        "text_encoder.ouput_layer.0.bias".into(),
+        Tensor::zeros(8, DType::I64, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&text, &text_path).unwrap();
+    let e = format!("{:#}", load_model(&path, DType::F32, &Device::Cpu).err().unwrap());
+    assert!(
+        e.contains("text_encoder.ouput_layer.0.bias") && e.contains("stored as I64"),
+        "{e}"
+    );
+}
