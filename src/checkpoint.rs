@@ -24,28 +24,7 @@ pub const WIDTH_MULT_KEY: &str = "fluxflow.baseline_width_mult";
 /// The activation and baseline width multiplier a model file records in its safetensors
 /// metadata (Bezier and 1 when it records none). Reads the header only.
 pub fn read_architecture(path: &Path) -> Result<(Activation, f64)> {
-    let mut f = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let file_len = f
-        .metadata()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .with_context(|| format!("{} is too short for a safetensors header", path.display()))?;
-    let n = u64::from_le_bytes(len);
-    // Bounded by the file, as in read_tensors.
-    if n > MAX_HEADER || n > file_len - 8 {
-        bail!(
-            "{} is not a valid safetensors file (truncated or another format): its header \
-             claims {n} bytes, the file has {}",
-            path.display(),
-            file_len - 8
-        );
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
-    let header: serde_json::Value = serde_json::from_slice(&header)
+    let header: serde_json::Value = serde_json::from_slice(&open_safetensors(path)?.header)
         .with_context(|| format!("{}: the safetensors header is not JSON", path.display()))?;
     let meta = &header["__metadata__"];
     let activation = match meta[ACTIVATION_KEY].as_str() {
@@ -73,6 +52,65 @@ pub fn read_architecture(path: &Path) -> Result<(Activation, f64)> {
 /// The longest safetensors header we read (the format's own limit: 100 MB).
 const MAX_HEADER: u64 = 100_000_000;
 
+/// A safetensors file opened with its header read.
+struct Opened {
+    file: fs::File,
+    header: Vec<u8>,
+    /// Where the data section starts, and its length.
+    data_start: u64,
+    data_len: u64,
+}
+
+fn not_safetensors(path: &Path, why: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!(
+        "{} is not a valid safetensors file (truncated or another format): {why:#}",
+        path.display()
+    )
+}
+
+/// Opens a safetensors file and reads its header, whose claimed length is checked against the
+/// file's size first (so a hostile length allocates nothing). Errors name the file.
+fn open_safetensors(path: &Path) -> Result<Opened> {
+    let mut file =
+        fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if len == 0 {
+        bail!("{} is empty, not a safetensors checkpoint", path.display());
+    }
+    if len < 8 {
+        return Err(not_safetensors(
+            path,
+            format!("{len} bytes, fewer than its 8-byte header length"),
+        ));
+    }
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n > len - 8 {
+        return Err(not_safetensors(
+            path,
+            format!(
+                "its header claims {n} bytes, the file has {} after the length (at most \
+                 {MAX_HEADER} are allowed)",
+                len - 8
+            ),
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Opened {
+        file,
+        header,
+        data_start: 8 + n,
+        data_len: len - 8 - n,
+    })
+}
+
 /// Every tensor of a safetensors file, on the CPU in its stored dtype. Errors name the file,
 /// and the tensor where one is at fault.
 ///
@@ -92,42 +130,13 @@ pub fn read_tensors_where(
     path: &Path,
     keep: impl Fn(&str) -> bool,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut file =
-        fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let len = file
-        .metadata()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
-    let bad = |why: String| {
-        anyhow!(
-            "{} is not a valid safetensors file (truncated or another format): {why}",
-            path.display()
-        )
-    };
-    if len == 0 {
-        bail!("{} is empty, not a safetensors checkpoint", path.display());
-    }
-    if len < 8 {
-        return Err(bad(format!(
-            "{len} bytes, fewer than its 8-byte header length"
-        )));
-    }
-    let mut n = [0u8; 8];
-    file.read_exact(&mut n)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let n = u64::from_le_bytes(n);
-    if n > MAX_HEADER || n > len - 8 {
-        return Err(bad(format!(
-            "its header claims {n} bytes, the file has {} after the length (at most {MAX_HEADER} \
-             are allowed)",
-            len - 8
-        )));
-    }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let entries = parse_header(&header, len - 8 - n).map_err(|e| bad(format!("{e:#}")))?;
-    let data_start = 8 + n;
+    let Opened {
+        mut file,
+        header,
+        data_start,
+        data_len,
+    } = open_safetensors(path)?;
+    let entries = parse_header(&header, data_len).map_err(|e| not_safetensors(path, e))?;
     let mut out = HashMap::with_capacity(entries.len());
     for e in entries.into_iter().filter(|e| keep(&e.name)) {
         let dtype = match e.dtype.as_str() {
