@@ -54,12 +54,6 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-impl PartialEq<&str> for DeviceSpec {
-    fn eq(&self, other: &&str) -> bool {
-        other.parse::<DeviceSpec>().is_ok_and(|o| o == *self)
-    }
-}
-
 impl Serialize for DeviceSpec {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.collect_str(self)

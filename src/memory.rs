@@ -65,9 +65,13 @@ fn gb(bytes: u64) -> String {
 pub fn check_fits(what: &str, bytes: u64, device: &Device) -> Result<()> {
     if let Some(avail) = available_bytes(device) {
         if bytes > avail {
+            let on = match device {
+                Device::Cpu => "in this machine's memory",
+                _ => "on the GPU",
+            };
             bail!(
-                "{what} needs about {} for its activations, and {} are available on the \
-                 {device:?} device; use fewer or smaller images",
+                "{what} needs about {} for its activations, and {} are available {on}; use \
+                 fewer or smaller images",
                 gb(bytes),
                 gb(avail)
             );

@@ -193,7 +193,7 @@ fn overrides_apply_over_the_file() {
     assert_eq!(cfg.data.data_path.as_deref(), Some(Path::new("/imgs")));
     assert_eq!(cfg.output.output_path, PathBuf::from("/out"));
     assert_eq!(cfg.training.max_steps, Some(7));
-    assert_eq!(cfg.training.device, "cuda:1");
+    assert_eq!(cfg.training.device.to_string(), "cuda:1");
     assert_eq!(cfg.training.lr, 0.5);
     assert_eq!(cfg.output.keep_last, 5);
     let bad = Overrides {
