@@ -243,7 +243,10 @@ fn a_reference_text_file_with_its_backbone_loads_and_integer_model_tensors_are_r
         Tensor::zeros(8, DType::I64, &Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&text, &text_path).unwrap();
-    let e = format!("{:#}", load_model(&path, DType::F32, &Device::Cpu).err().unwrap());
+    let e = format!(
+        "{:#}",
+        load_model(&path, DType::F32, &Device::Cpu).err().unwrap()
+    );
     assert!(
         e.contains("text_encoder.ouput_layer.0.bias") && e.contains("stored as I64"),
         "{e}"

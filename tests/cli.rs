@@ -3,24 +3,21 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Tensor};
 use common::{parity, tiny16};
 use image::{GrayImage, RgbImage, RgbaImage};
 
 fn fluxflow(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+    common::bin()
         .args(args)
         .output()
         .expect("the fluxflow binary runs")
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fluxflow-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::fresh_dir("cli", name)
 }
 
 /// Sample `i` of a [B, 3, H, W] tensor in [-1, 1] as 8-bit RGB: round((y + 1) * 127.5).

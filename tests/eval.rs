@@ -4,23 +4,20 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::parity;
 use image::RgbImage;
 
 fn fluxflow(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+    common::bin()
         .args(args)
         .output()
         .expect("the fluxflow binary runs")
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fluxflow-eval-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::fresh_dir("eval", name)
 }
 
 fn str_of(b: &[u8]) -> String {
@@ -194,7 +191,7 @@ output:
         ),
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+    let o = common::bin()
         .args(["train", "--config", cfg.to_str().unwrap()])
         .output()
         .unwrap();
@@ -292,7 +289,7 @@ output:
     };
     let before = evals_of(&run);
     std::fs::remove_dir_all(run.join("checkpoints/step-00000009")).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+    let o = common::bin()
         .args(["resume", "--output", run.to_str().unwrap()])
         .output()
         .unwrap();
@@ -305,7 +302,7 @@ output:
     assert_eq!(evals_of(&run), before);
 
     // Resumed at its last step, the finished run has nothing to do: no evaluation is repeated.
-    let o = Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+    let o = common::bin()
         .args(["resume", "--output", run.to_str().unwrap()])
         .output()
         .unwrap();
@@ -321,7 +318,7 @@ output:
 #[test]
 fn a_missing_eval_folder_is_named_before_training() {
     let dir = tmpdir("missing");
-    let o = Command::new(env!("CARGO_BIN_EXE_fluxflow"))
+    let o = common::bin()
         .args([
             "train",
             "--output",
