@@ -16,6 +16,10 @@ use crate::train::optim;
 use crate::train::schedule::Scheduler;
 use crate::train::step::{vae_params, StepOutcome, VaeTrainer};
 
+/// The most warm-up steps `bench` runs while fp16 loss scaling skips them (16 halvings take a
+/// fresh scale of 2^16 to 1).
+const MAX_WARMUP: usize = 20;
+
 /// Peak resident memory of this process in MiB (Linux), if known.
 fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -118,11 +122,19 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     let (b, h, w) = (args.batch, args.height, args.width);
     let images = Tensor::rand(-1f32, 1.0, (b, 3, h, w), &device)?.to_dtype(dtype)?;
     let mut rng = StdRng::seed_from_u64(0);
-    let mut times = Vec::new();
+    let mut times = Vec::with_capacity(args.steps);
     let compute = mixed.compute_dtype(dtype);
-    for step in 0..args.steps + 1 {
+    // Warm-up: one step, or with fp16 as many as the loss scale needs to settle (a fresh scale
+    // of 2^16 overflows at first and is halved per skipped step, as in a training run's first
+    // steps), so that the timed steps are the ones a run spends its time on.
+    let mut warmup = 0usize;
+    let mut warming = true;
+    let mut skipped = 0usize;
+    let mut step_no = 0u64;
+    loop {
         let t = Instant::now();
-        if args.forward_only {
+        step_no += 1;
+        let applied = if args.forward_only {
             // What `reconstruct` and the samples run: encode and decode, no gradients.
             let x = images.to_dtype(compute)?;
             let enc = model.compressor.forward(&x, Noise::Sampled(&mut rng))?;
@@ -131,14 +143,29 @@ pub fn run(args: &BenchArgs) -> Result<String> {
                 .forward(&enc.packed, cfg.training.train_spade)?;
             // Waits for the device: the value is read back.
             out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+            true
         } else {
-            let out = trainer.step(&model, &images, Noise::Sampled(&mut rng), step as u64 + 1)?;
-            if let StepOutcome::Skipped(why) = out {
-                anyhow::bail!("the benchmark step was skipped: {why}");
+            let out = trainer.step(&model, &images, Noise::Sampled(&mut rng), step_no)?;
+            !matches!(out, StepOutcome::Skipped(_))
+        };
+        let elapsed = t.elapsed().as_secs_f64();
+        if warming {
+            warmup += 1;
+            warming = !applied;
+            if warming && warmup >= MAX_WARMUP {
+                anyhow::bail!(
+                    "each of the first {MAX_WARMUP} benchmark steps was skipped \
+                     (non-finite gradients at every loss scale tried)"
+                );
             }
+            continue;
         }
-        if step > 0 {
-            times.push(t.elapsed().as_secs_f64()); // the first step warms up
+        if !applied {
+            skipped += 1;
+        }
+        times.push(elapsed);
+        if times.len() == args.steps {
+            break;
         }
     }
     times.sort_by(f64::total_cmp);
@@ -163,6 +190,8 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             "mixed_precision": mixed.name(),
             "forward_only": args.forward_only,
             "steps": times.len(),
+            "warmup_steps": warmup,
+            "skipped_steps": skipped,
             "median_step_s": median,
             "min_step_s": times[0],
             "max_step_s": times[times.len() - 1],
@@ -181,7 +210,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     Ok(format!(
         "{}, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}, checkpointing \
          {}, mixed precision {mixed}: median {median:.3} s \
-         (min {:.3}, max {:.3}, {} steps), {:.2} images/s{mem}",
+         (min {:.3}, max {:.3}, {} steps{}), {:.2} images/s{mem}",
         if args.forward_only {
             "forward pass"
         } else {
@@ -192,6 +221,11 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         times[0],
         times[times.len() - 1],
         times.len(),
+        match (warmup, skipped) {
+            (1, 0) => String::new(),
+            (w, 0) => format!(" after {w} warm-up steps"),
+            (w, s) => format!(" after {w} warm-up steps, {s} skipped by loss scaling"),
+        },
         b as f64 / median,
     ))
 }
