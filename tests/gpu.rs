@@ -128,6 +128,24 @@ fn three_training_steps_on_gpu_follow_cpu_f32() {
     let (_, exact_w) = three_steps(DType::F64, &Device::Cpu);
     assert!(cpu_w.len() > 100);
     let (mut num, mut den) = (0f64, 0f64);
+    // Each tensor's errors, the worst printed first: GPU vs CPU, and each against float64 (a
+    // GPU less accurate than the CPU shows as GPU-vs-float64 above CPU-vs-float64 throughout).
+    let mut rows: Vec<(f64, f64, f64, &String)> = cpu_w
+        .iter()
+        .map(|(k, c)| {
+            let exact = exact_w[k].to_dtype(DType::F32).unwrap();
+            (
+                rel_l2(&gpu_w[k], c),
+                rel_l2(c, &exact),
+                rel_l2(&gpu_w[k], &exact),
+                k,
+            )
+        })
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (gc, ce, ge, k) in rows.iter().take(12) {
+        eprintln!("{gc:.3e} GPU vs CPU | CPU vs f64 {ce:.3e} | GPU vs f64 {ge:.3e} | {k}");
+    }
     for (k, c) in &cpu_w {
         let g = &gpu_w[k];
         let floor = 3.0 * rel_l2(c, &exact_w[k].to_dtype(DType::F32).unwrap());
@@ -200,8 +218,8 @@ fn value_and_grads(
 }
 
 /// Checks `f` on the GPU against the CPU, value and every input's gradient (relative L2): in
-/// float32 within 1e-5, in bfloat16 within 1e-2. The CPU computes in the same dtype where its
-/// op has one (`cpu_bf16`), else in float32.
+/// float32 within 1e-5, in bfloat16 and float16 within 1e-2. The CPU computes in bfloat16 where
+/// its op has it (`cpu_bf16`), else (and for float16, which the CPU ops lack) in float32.
 fn check_against_cpu(
     what: &str,
     f: &dyn Fn(&[Tensor]) -> Tensor,
@@ -211,8 +229,12 @@ fn check_against_cpu(
     let (dev, cpu) = (gpu(), Device::Cpu);
     let y = f(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
     let r = Tensor::randn(0f32, 1.0, y.dims(), &cpu).unwrap();
-    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-        let cpu_dtype = if cpu_bf16 { dtype } else { DType::F32 };
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 1e-2)] {
+        let cpu_dtype = if cpu_bf16 && dtype != DType::F16 {
+            dtype
+        } else {
+            DType::F32
+        };
         let want = value_and_grads(f, inputs, &r, cpu_dtype, &cpu);
         let got = value_and_grads(f, inputs, &r, dtype, &dev);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {

@@ -7,7 +7,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
-use half::bf16;
+use half::{bf16, f16};
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/fluxflow_ptx.rs"));
@@ -33,11 +33,12 @@ fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
         DType::F32 => "f32",
         DType::F64 => "f64",
         DType::BF16 => "bf16",
+        DType::F16 => "f16",
         d => candle_core::bail!("{what}: no CUDA kernel for {d:?}"),
     })
 }
 
-/// Runs `$body` with `$t` the element type of `$dtype` (f32, f64 or bf16) and wraps the slice
+/// Runs `$body` with `$t` the element type of `$dtype` (f32, f64, bf16 or f16) and wraps the slice
 /// it returns as a storage on `$dev`.
 macro_rules! by_dtype {
     ($dtype:expr, $what:expr, $dev:expr, |$t:ident| $body:expr) => {
@@ -52,6 +53,10 @@ macro_rules! by_dtype {
             }
             DType::BF16 => {
                 type $t = bf16;
+                CudaStorage::wrap_cuda_slice($body, $dev)
+            }
+            DType::F16 => {
+                type $t = f16;
                 CudaStorage::wrap_cuda_slice($body, $dev)
             }
             d => candle_core::bail!("{}: no CUDA kernel for {d:?}", $what),

@@ -40,8 +40,15 @@ pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
 /// Whether the fused ops (Bezier activation, GroupNorm, softmax) handle `x`: f32, f64 or bf16,
 /// on the CPU or (with the `cuda` feature) on CUDA.
 pub(crate) fn fused_supported(x: &Tensor) -> bool {
-    let dtype = matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16);
-    dtype && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
+    // float16 only on CUDA (mixed precision's fp16): the CPU halves have no float16 arm.
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16);
+    let cuda = cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && matches!(
+            x.dtype(),
+            DType::F32 | DType::F64 | DType::BF16 | DType::F16
+        );
+    cpu || cuda
 }
 
 /// ||a - b|| / ||b|| (||a - b|| where b is zero), for the kernels' tests (f64 tensors).

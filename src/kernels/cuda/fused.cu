@@ -4,8 +4,9 @@
 // y as [G, S]:  y = (1-t)^3 p0 + 3(1-t)^2 t p1 + 3(1-t) t^2 p2 + t^3 p3  with t = pre_t(x0) and
 // p_i = pre_p(x_{i+1}). The backward pass recomputes the curve from x.
 // Pre-activation codes: 0 sigmoid, 1 SiLU, 2 tanh, 3 none.
-// Arithmetic in float for f32/bf16, in double for f64; 64-bit indexing throughout.
+// Arithmetic in float for f32/bf16/f16, in double for f64; 64-bit indexing throughout.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 template <typename T, typename A> __device__ __forceinline__ A ld(const T *p);
@@ -14,11 +15,17 @@ template <> __device__ __forceinline__ double ld<double, double>(const double *p
 template <> __device__ __forceinline__ float ld<__nv_bfloat16, float>(const __nv_bfloat16 *p) {
   return __bfloat162float(*p);
 }
+template <> __device__ __forceinline__ float ld<__half, float>(const __half *p) {
+  return __half2float(*p);
+}
 template <typename T, typename A> __device__ __forceinline__ void st(T *p, A v);
 template <> __device__ __forceinline__ void st<float, float>(float *p, float v) { *p = v; }
 template <> __device__ __forceinline__ void st<double, double>(double *p, double v) { *p = v; }
 template <> __device__ __forceinline__ void st<__nv_bfloat16, float>(__nv_bfloat16 *p, float v) {
   *p = __float2bfloat16(v);
+}
+template <> __device__ __forceinline__ void st<__half, float>(__half *p, float v) {
+  *p = __float2half(v);
 }
 
 template <typename A> __device__ __forceinline__ A sig(A x) { return A(1) / (exp(-x) + A(1)); }
@@ -98,6 +105,7 @@ __device__ void bezier_bwd(const T *x, const T *dy, T *dx, uint64_t groups, uint
 BEZIER(f32, float, float)
 BEZIER(f64, double, double)
 BEZIER(bf16, __nv_bfloat16, float)
+BEZIER(f16, __half, float)
 
 // GroupNorm over x [B, C, S] in G groups (C/G channels each), with per-channel gamma/beta.
 // Reductions: each block handles a chunk of one (b, c) plane, reduces it in shared memory and
@@ -255,3 +263,4 @@ __device__ void gn_bwd_params(const double *chan, T *out, uint64_t c) {
 GROUP_NORM(f32, float, float)
 GROUP_NORM(f64, double, double)
 GROUP_NORM(bf16, __nv_bfloat16, float)
+GROUP_NORM(f16, __half, float)
