@@ -8,6 +8,7 @@
 # Prepare on the build machine with scripts/gpu-pack.sh (the GPU machine has no Rust), then on
 # the GPU machine, from the repository root, with .gpu carried:
 #   scripts/gpu-check.sh            # OUT=dir for the results (default gpu-out), SIZES="256 512 1024"
+#                                   # TRACE="256:bf16" TRACE_REF="256": CUPTI kernel traces
 set -uo pipefail
 cd "$(dirname "$0")/.."
 G=${GPU_DIR:-.gpu}
@@ -64,6 +65,33 @@ for s in $SIZES; do
     timeout 120 python3 "$G/step_flops.py" --models "$G" --size "$s" --batch "$BATCH" 2>/dev/null |
       tail -n1 | tee -a "$OUT/bench.jsonl"
   fi
+done
+
+# CUPTI kernel traces (scripts/gpu-trace/): TRACE="256:bf16 1024:no" traces fluxflow's bench at
+# those sizes and precisions, TRACE_REF="256" the reference's step; each writes
+# $OUT/trace-*.tsv.xz and a summary of its timed steps, trace-*.txt.
+trace() {  # name window-steps command...
+  local name=$1 steps=$2; shift 2
+  CUDA_INJECTION64_PATH=$PWD/$G/prof/libfluxprof.so FLUXPROF_OUT=$OUT/trace-$name.tsv \
+    LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$PWD/$G/prof timeout "${BENCH_TIMEOUT:-150}" "$@" |
+    tail -n1 > "$OUT/trace-$name.json"
+  local med
+  med=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["median_step_s"])' \
+    "$OUT/trace-$name.json") &&
+    python3 "$G/prof/summarize.py" "$OUT/trace-$name.tsv" "$(python3 -c "print($steps * $med)")" \
+      > "$OUT/trace-$name.txt" && head -n 14 "$OUT/trace-$name.txt"
+  xz -T0 -1 -f "$OUT/trace-$name.tsv"
+}
+for t in ${TRACE:-}; do
+  stamp "trace fluxflow ${t%%:*} ${t##*:}"
+  trace "fluxflow-${t%%:*}-${t##*:}" "$STEPS" "$BIN/fluxflow" bench --device cuda \
+    --width "${t%%:*}" --height "${t%%:*}" --batch "$BATCH" --steps "$STEPS" --json \
+    --mixed-precision "${t##*:}"
+done
+for s in ${TRACE_REF:-}; do
+  stamp "trace reference $s"
+  trace "reference-$s" "$STEPS" python3 "$G/bench_reference.py" --models "$G" --device cuda \
+    --size "$s" --batch "$BATCH" --steps "$STEPS" --checkpointing on
 done
 
 stamp "table"

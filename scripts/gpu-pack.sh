@@ -4,6 +4,7 @@
 #   .gpu/bin/{fluxflow,gpu-tests}.xz        the cuda build and the GPU test binary
 #   .gpu/parity/                            tiny16 fixtures without the float64 training traces
 #   .gpu/fluxref/, .gpu/bench_reference.py  the PyTorch reference's models and step benchmark
+#   .gpu/prof/                              the CUPTI kernel tracer (scripts/gpu-trace/)
 #
 #   scripts/gpu-pack.sh CUDA_DIR REFERENCE_GIT_DIR [--compute-cap 90]
 #
@@ -65,6 +66,20 @@ for f in activations conditioning vae flow encoders; do
   git -C "$REF" show "HEAD:src/fluxflow/models/$f.py" > ".gpu/fluxref/$f.py"
 done
 touch .gpu/fluxref/__init__.py
+# The CUPTI kernel tracer (scripts/gpu-trace/): CUPTI's headers and library from NVIDIA's wheel.
+CUPTI=$CUDA_DIR/cupti
+if [[ ! -f $CUPTI/.installed ]]; then
+  "${PYTHON:-python3}" -m pip install --quiet --disable-pip-version-check --no-deps --no-compile \
+    --upgrade --target "$CUPTI" nvidia-cuda-cupti==13.0.85
+  touch "$CUPTI/.installed"
+fi
+mkdir -p .gpu/prof
+cc -O2 -shared -fPIC -o .gpu/prof/libfluxprof.so scripts/gpu-trace/fluxprof.c \
+  -I"$CUPTI/nvidia/cu13/include" -I"$CUDA_HOME/include" -L"$CUPTI/nvidia/cu13/lib" \
+  -l:libcupti.so.13 -lpthread
+cp "$CUPTI"/nvidia/cu13/lib/libcupti.so.13 .gpu/prof/
+cp scripts/gpu-trace/summarize.py .gpu/prof/
+
 cp "$SHARED/reference-bench/bench_reference.py" .gpu/
 cp scripts/step_flops.py .gpu/
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
