@@ -2,7 +2,7 @@
 //! forward convolution and the weight gradient as banded im2col + GEMM. Every column buffer holds
 //! at most `COLS_BUDGET` elements.
 
-use candle_core::{Device, Result, Shape, Tensor};
+use candle_core::{Result, Shape};
 use rayon::prelude::*;
 
 use super::Geometry;
@@ -37,21 +37,33 @@ where
     let (oh, ow) = (size(h, g.output_padding.0)?, size(wd, g.output_padding.1)?);
     let hw = h * wd;
     let mut out = vec![T::default(); b * co * oh * ow];
-    // W as [Ci, Co*K*K]; its transpose times X_b [Ci, H*W] gives the columns.
-    let wt = Tensor::from_slice(w, (ci, co * k * k), &Device::Cpu)?
-        .t()?
-        .contiguous()?;
+    // The columns of output channels c0..c0+cn: W[:, c0*K*K..][Ci, cn*K*K] read transposed,
+    // times X_b [Ci, H*W], written by gemm into one buffer reused for every chunk (no transposed
+    // copy of W, no product tensor copied out).
+    let kkw = co * k * k;
     let chunk = (COLS_BUDGET / (k * k * hw).max(1)).clamp(1, co);
+    let mut cols = vec![T::default(); chunk * k * k * hw];
     for bi in 0..b {
-        let xb = Tensor::from_slice(&x[bi * ci * hw..(bi + 1) * ci * hw], (ci, hw), &Device::Cpu)?;
+        let xb = &x[bi * ci * hw..(bi + 1) * ci * hw];
         let out_b = &mut out[bi * co * oh * ow..(bi + 1) * co * oh * ow];
         for c0 in (0..co).step_by(chunk) {
             let cn = chunk.min(co - c0);
-            let cols = wt
-                .narrow(0, c0 * k * k, cn * k * k)?
-                .matmul(&xb)?
-                .flatten_all()?
-                .to_vec1::<T>()?;
+            let cols = &mut cols[..cn * k * k * hw];
+            // SAFETY: cols holds (cn*K*K) x hw; W is ci x kkw with columns c0*K*K.. read as the
+            // transposed (cn*K*K) x ci; xb is ci x hw.
+            unsafe {
+                gemm_into(
+                    (cn * k * k, hw, ci),
+                    cols.as_mut_ptr(),
+                    (hw, 1),
+                    false,
+                    w.as_ptr().add(c0 * k * k),
+                    (1, kkw),
+                    xb.as_ptr(),
+                    (hw, 1),
+                );
+            }
+            let cols = &*cols;
             out_b[c0 * oh * ow..(c0 + cn) * oh * ow]
                 .par_chunks_mut(oh * ow)
                 .enumerate()
