@@ -110,6 +110,7 @@ fn im2col_into<T: Copy + Send + Sync + Default>(
     out: &mut [T],
 ) {
     let np = pos.len();
+    let (st, d, pad) = (g.stride, g.dilation, g.padding as isize);
     out[..rows.len() * np]
         .par_chunks_mut(np)
         .enumerate()
@@ -117,16 +118,45 @@ fn im2col_into<T: Copy + Send + Sync + Default>(
             let row = rows.start + i;
             let (ci, ky, kx) = (row / (kk * kk), (row / kk) % kk, row % kk);
             let plane = &xb[ci * h * wd..(ci + 1) * h * wd];
-            for (j, o) in orow.iter_mut().enumerate() {
-                let p = pos.start + j;
-                let (oy, ox) = (p / ow, p % ow);
-                let iy = (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
-                let ix = (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
-                *o = if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < wd {
-                    plane[iy as usize * wd + ix as usize]
+            // Input column of output column ox: ox * st + off, inside the input for ox in
+            // [ox_lo, ox_hi) (one division per row instead of two per element).
+            let off = (kx * d) as isize - pad;
+            let ox_lo = if off >= 0 {
+                0
+            } else {
+                (-off as usize).div_ceil(st)
+            };
+            let ox_hi = if (wd as isize) > off {
+                ((wd as isize - off) as usize).div_ceil(st).min(ow)
+            } else {
+                0
+            };
+            // Runs of positions within one output row.
+            let (mut j, mut p) = (0, pos.start);
+            while j < np {
+                let (oy, ox0) = (p / ow, p % ow);
+                let run = (ow - ox0).min(np - j);
+                let dst = &mut orow[j..j + run];
+                let iy = (oy * st + ky * d) as isize - pad;
+                let (lo, hi) = (ox_lo.clamp(ox0, ox0 + run), ox_hi.clamp(ox0, ox0 + run));
+                if iy < 0 || iy as usize >= h || lo >= hi {
+                    dst.fill(T::default());
                 } else {
-                    T::default()
-                };
+                    let src = &plane[iy as usize * wd..][..wd];
+                    dst[..lo - ox0].fill(T::default());
+                    let first = (lo * st) as isize + off;
+                    let mid = &mut dst[lo - ox0..hi - ox0];
+                    if st == 1 {
+                        mid.copy_from_slice(&src[first as usize..][..hi - lo]);
+                    } else {
+                        for (o, v) in mid.iter_mut().zip(src[first as usize..].iter().step_by(st)) {
+                            *o = *v;
+                        }
+                    }
+                    dst[hi - ox0..].fill(T::default());
+                }
+                j += run;
+                p += run;
             }
         });
 }
@@ -274,4 +304,79 @@ where
         }
     }
     Ok(dw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// im2col by its definition, one element at a time.
+    fn naive(
+        xb: &[f64],
+        (c, h, wd): (usize, usize, usize),
+        kk: usize,
+        (oh, ow): (usize, usize),
+        g: Geometry,
+    ) -> Vec<f64> {
+        let mut out = Vec::with_capacity(c * kk * kk * oh * ow);
+        for row in 0..c * kk * kk {
+            let (ci, ky, kx) = (row / (kk * kk), (row / kk) % kk, row % kk);
+            for p in 0..oh * ow {
+                let (oy, ox) = (p / ow, p % ow);
+                let iy = (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                let ix = (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < wd;
+                out.push(if inside {
+                    xb[(ci * h + iy as usize) * wd + ix as usize]
+                } else {
+                    0.0
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn im2col_matches_its_definition_for_any_band_of_rows_and_positions() {
+        // (kernel, stride, padding, dilation) over a 3 x 7 x 9 input; bands that start and end
+        // inside output rows, as the column budget cuts them on large layers.
+        for (kk, stride, padding, dilation) in [
+            (3, 1, 1, 1),
+            (8, 2, 3, 1),
+            (5, 1, 4, 2),
+            (3, 2, 0, 1),
+            (1, 1, 0, 1),
+            (4, 3, 5, 2),
+        ] {
+            let g = Geometry {
+                padding,
+                stride,
+                dilation,
+                output_padding: (0, 0),
+            };
+            let (c, h, wd) = (3, 7, 9);
+            let xb: Vec<f64> = (0..c * h * wd).map(|i| i as f64 + 1.0).collect();
+            let (oh, ow) = (g.conv_len(h, kk).unwrap(), g.conv_len(wd, kk).unwrap());
+            let want = naive(&xb, (c, h, wd), kk, (oh, ow), g);
+            let (nrows, npos) = (c * kk * kk, oh * ow);
+            for (rows, pos) in [
+                (0..nrows, 0..npos),
+                (1..nrows - 1, 3..npos.min(3 + 2 * ow + 1)),
+                (2..3, npos / 2..npos),
+                (0..nrows, ow.saturating_sub(1)..npos.min(ow + 1)),
+            ] {
+                let mut out = vec![f64::NAN; rows.len() * pos.len()];
+                im2col_into(&xb, (h, wd), kk, ow, g, rows.clone(), pos.clone(), &mut out);
+                for (i, r) in rows.clone().enumerate() {
+                    for (j, p) in pos.clone().enumerate() {
+                        assert_eq!(
+                            out[i * pos.len() + j],
+                            want[r * npos + p],
+                            "k{kk} s{stride} p{padding} d{dilation} row {r} position {p}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
