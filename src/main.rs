@@ -7,6 +7,7 @@ use fluxflow::cli::{Cli, Command};
 use fluxflow::commands;
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -14,6 +15,22 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// glibc gives blocks above its mmap threshold back to the operating system when they are freed,
+/// and trims the heap's top, so a tensor allocated after one of the same size was freed costs
+/// a page fault and a zeroed page per 4 KiB: a fifth of a CPU training step was the kernel
+/// faulting pages in (`perf`). Raising both thresholds keeps freed memory in the heap for the
+/// next op. Measured side by side (Phase 1 `bench` at 64x64, 2 cores): 8.5 s per step against
+/// 11.1 s, peak resident memory 3% higher. Large blocks of other threads' arenas still fall
+/// back to mmap.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
 
