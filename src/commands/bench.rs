@@ -3,15 +3,14 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::cli::{BenchArgs, Switch};
-use crate::config::{Config, Overrides, QUICKSTART};
+use crate::config::{Config, OptimFile, Overrides, QUICKSTART};
 use crate::model::{FluxModel, Noise};
-use crate::train::factory::{optimizer_spec, scheduler_spec};
 use crate::train::optim;
 use crate::train::schedule::Scheduler;
 use crate::train::step::{vae_params, StepOutcome, VaeTrainer};
@@ -19,6 +18,10 @@ use crate::train::step::{vae_params, StepOutcome, VaeTrainer};
 /// The most warm-up steps `bench` runs while fp16 loss scaling skips them (16 halvings take a
 /// fresh scale of 2^16 to 1).
 const MAX_WARMUP: usize = 20;
+
+/// The Phase 1 optimizer settings (`configs/optim-config-p1.json`): what the benchmark's default
+/// model trains with (RMSprop, centered, with momentum), as the reference's benchmark does.
+const PHASE1_OPTIM: &str = include_str!("../../configs/optim-config-p1.json");
 
 /// Peak resident memory of this process in MiB (Linux), if known.
 fn peak_rss_mib() -> Option<f64> {
@@ -107,11 +110,20 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         ),
         &device,
     )?;
-    let spec = optimizer_spec("vae", None, 1e-5)?;
+    // The VAE's optimizer as a run of this configuration would build it; without a
+    // configuration, the Phase 1 settings.
+    let optim = match (&args.config, &cfg.optimization.optim_sched_config) {
+        (None, _) if !args.quickstart => OptimFile::parse(PHASE1_OPTIM)?,
+        (_, None) => OptimFile::default(),
+        (_, Some(p)) => {
+            OptimFile::load(p).with_context(|| "optimization.optim_sched_config".to_string())?
+        }
+    };
+    let spec = optim.optimizer("vae", cfg.training.lr)?;
     let opt = optim::build("vae", &spec, vae_params(&model))?;
     let sched = Scheduler::build(
         "vae",
-        &scheduler_spec("vae", None, 0.1, 1000)?,
+        &optim.scheduler("vae", cfg.training.lr_min, 1000)?,
         spec.lr(),
         1000,
     )?;
@@ -187,6 +199,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             "height": h,
             "vae_dim": cfg.model.vae_dim,
             "checkpointing": checkpointing,
+            "optimizer": spec.kind(),
             "mixed_precision": mixed.name(),
             "forward_only": args.forward_only,
             "steps": times.len(),
@@ -208,7 +221,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         mem += &format!(", peak GPU memory {g:.0} MiB");
     }
     Ok(format!(
-        "{}, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}, checkpointing \
+        "{}, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}, {}, checkpointing \
          {}, mixed precision {mixed}: median {median:.3} s \
          (min {:.3}, max {:.3}, {} steps{}), {:.2} images/s{mem}",
         if args.forward_only {
@@ -217,6 +230,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             "training step"
         },
         cfg.model.vae_dim,
+        spec.kind(),
         if checkpointing { "on" } else { "off" },
         times[0],
         times[times.len() - 1],

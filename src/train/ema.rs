@@ -31,7 +31,11 @@ impl Ema {
     pub fn update(&mut self) -> Result<()> {
         let keep = 1.0 - self.decay;
         for ((_, var), s) in self.params.iter().zip(self.shadow.iter_mut()) {
-            *s = ((&*s * self.decay)? + (var.as_tensor().detach() * keep)?)?.detach();
+            let p = var.as_tensor().detach();
+            *s = match crate::train::optim::fused::ema_cpu(s, &p, self.decay)? {
+                Some(t) => t,
+                None => ((&*s * self.decay)? + (p * keep)?)?.detach(),
+            };
         }
         Ok(())
     }

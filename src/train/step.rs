@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::adaptive::AdaptiveWeights;
 use super::ema::Ema;
 use super::loss::{frequency_weighted_l1, kl_beta, kl_standard_normal, mse};
+use super::optim::fused::sum_squares_cpu;
 use super::optim::{Optimizer, OptimizerState};
 use super::precision::{LossScaler, MixedPrecision};
 use super::schedule::Scheduler;
@@ -298,7 +299,7 @@ impl VaeTrainer {
             Some(s) if fp16 => s.scale,
             _ => 1.0,
         };
-        let mut grads = if scale == 1.0 {
+        let grads = if scale == 1.0 {
             l.backward(&total_t)?
         } else {
             l.backward(&(&total_t * scale)?)?
@@ -327,12 +328,14 @@ impl VaeTrainer {
             self.skipped += 1;
             return Ok(StepOutcome::Skipped(Skip::NonFiniteGradient));
         }
-        self.clip(&mut grads, norm, scale)?;
+        let factor = self.clip_factor(norm, scale);
         if let Some(scaler) = self.scaler.as_mut().filter(|_| fp16) {
             scaler.update(false);
         }
         self.adaptive.record(recon, kl);
-        self.optimizer.step(&grads).map_err(|e| anyhow!(e))?;
+        self.optimizer
+            .step_scaled(&grads, factor)
+            .map_err(|e| anyhow!(e))?;
         self.ema.update()?;
         self.scheduler.step(Some(recon)).map_err(|e| anyhow!(e))?;
         let lr = self.scheduler.lr();
@@ -370,7 +373,11 @@ impl VaeTrainer {
             .params
             .iter()
             .filter_map(|(_, v)| grads.get(v.as_tensor()))
-            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .map(|g| match sum_squares_cpu(g) {
+                // One pass, accumulated in f64, on the CPU.
+                Some(s) => Tensor::new(s, g.device()),
+                None => g.sqr()?.sum_all()?.to_dtype(DType::F64),
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = if squares.is_empty() {
             Tensor::new(0f64, images.device())?
@@ -406,21 +413,13 @@ impl VaeTrainer {
         })
     }
 
-    /// torch.nn.utils.clip_grad_norm_ over the VAE parameters that have a gradient, given
-    /// their (unscaled) norm: scales them by min(1, max_norm / (norm + 1e-6)). Gradients of a
-    /// loss multiplied by `scale` (fp16's loss scaling) are divided by it in the same
-    /// multiplication.
-    fn clip(&self, grads: &mut GradStore, norm: f64, scale: f64) -> Result<()> {
+    /// torch.nn.utils.clip_grad_norm_'s factor for the VAE parameters' gradients, given their
+    /// (unscaled) norm: min(1, max_norm / (norm + 1e-6)). Gradients of a loss multiplied by
+    /// `scale` (fp16's loss scaling) are divided by it in the same multiplication, which the
+    /// optimizer applies to each gradient as it reads it.
+    fn clip_factor(&self, norm: f64, scale: f64) -> f64 {
         let coef = self.config.clip_norm / (norm + 1e-6);
-        let factor = coef.min(1.0) / scale;
-        if factor != 1.0 && norm.is_finite() {
-            for (_, v) in &self.params {
-                if let Some(g) = grads.remove(v.as_tensor()) {
-                    grads.insert(v.as_tensor(), (g * factor)?);
-                }
-            }
-        }
-        Ok(())
+        coef.min(1.0) / scale
     }
 
     /// Batches skipped for NaN/Inf so far.

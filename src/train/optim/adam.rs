@@ -3,12 +3,13 @@
 //! Adam's weight decay is an L2 term added to the gradient; AdamW's is decoupled,
 //! `p *= 1 - lr * weight_decay` before the moment update.
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::common::{
     buffer_or_zeros, check_betas, check_non_negative, check_positive, l2_grad, lerp,
 };
+use super::fused::{self, affine, Elem, MAX_BUFFERS};
 use super::{Buffers, OptimizerSpec, Result, UpdateRule};
 
 const EXP_AVG: &str = "exp_avg";
@@ -140,6 +141,61 @@ impl AdamRule {
     }
 }
 
+impl AdamRule {
+    /// `update` for one element: (param, grad, [exp_avg, exp_avg_sq, max_exp_avg_sq?]) -> new
+    /// param, the buffers updated in place; the same operations in the same order.
+    fn kernel<T: Elem>(
+        &self,
+        lr: f64,
+        step: u64,
+    ) -> impl Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync {
+        let c = |v: f64| T::from_f64(v);
+        let zero = T::zero();
+        let (beta1, beta2) = self.betas;
+        let decay = (self.weight_decay != 0.0).then(|| {
+            if self.decoupled {
+                c(1.0 - lr * self.weight_decay)
+            } else {
+                c(self.weight_decay)
+            }
+        });
+        let decoupled = self.decoupled;
+        let w = 1.0 - beta1;
+        let (wt, one_minus_wt) = (c(w), c(1.0 - w));
+        let (beta2_t, one_minus_beta2) = (c(beta2), c(1.0 - beta2));
+        let step = step as f64;
+        let step_size = lr / (1.0 - beta1.powf(step));
+        let bias_correction2_sqrt = (1.0 - beta2.powf(step)).powf(0.5);
+        let (inv_bc2, one, eps, neg_step) = (
+            c(1.0 / bias_correction2_sqrt),
+            c(1.0),
+            c(self.eps),
+            c(-step_size),
+        );
+        let amsgrad = self.amsgrad;
+        move |p: T, g: T, b: &mut [T; MAX_BUFFERS]| {
+            let (p, g) = match decay {
+                Some(d) if decoupled => (affine(p, d, zero), g),
+                Some(d) => (p, g + affine(p, d, zero)),
+                None => (p, g),
+            };
+            b[0] = fused::lerp(b[0], g, w, wt, one_minus_wt);
+            b[1] = affine(b[1], beta2_t, zero) + affine(g, one_minus_beta2, zero) * g;
+            let second = if amsgrad {
+                // candle's maximum: if a < b { b } else { a }
+                if b[2] < b[1] {
+                    b[2] = b[1];
+                }
+                b[2]
+            } else {
+                b[1]
+            };
+            let denom = affine(affine(second.sqrt(), inv_bc2, zero), one, eps);
+            p + affine(b[0], neg_step, zero) / denom
+        }
+    }
+}
+
 impl AdamConfig {
     fn rule(&self) -> AdamRule {
         AdamRule {
@@ -188,6 +244,27 @@ macro_rules! impl_adam_rule {
 
             fn buffer_names(&self) -> Vec<&'static str> {
                 self.rule().buffer_names()
+            }
+
+            fn update_fused(
+                &self,
+                lr: f64,
+                step: u64,
+                var: &Var,
+                grad: &Tensor,
+                scale: Option<f64>,
+                buffers: &mut Buffers,
+            ) -> candle_core::Result<bool> {
+                let rule = self.rule();
+                fused::update(
+                    var,
+                    grad,
+                    scale,
+                    &rule.buffer_names(),
+                    buffers,
+                    rule.kernel::<f32>(lr, step),
+                    rule.kernel::<f64>(lr, step),
+                )
             }
 
             fn update(

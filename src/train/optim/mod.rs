@@ -10,6 +10,7 @@
 mod adam;
 mod common;
 pub mod exact_f64;
+pub mod fused;
 mod lion;
 mod rmsprop;
 mod sgd;
@@ -123,7 +124,13 @@ pub struct OptimizerState {
 /// What the training loop uses: one step, the learning rate, state export and import.
 pub trait Optimizer: Send {
     /// Updates every parameter that has a gradient in `grads`.
-    fn step(&mut self, grads: &GradStore) -> Result<()>;
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+    /// [`Optimizer::step`] with every gradient multiplied by `scale` first (gradient clipping's
+    /// factor; 1.0: as they are), as `grad * scale` would, without a scaled copy of the
+    /// gradients where the update runs fused (see [`fused`]).
+    fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<()>;
     /// Current learning rate.
     fn lr(&self) -> f64;
     /// Sets the learning rate used by the following steps (what a scheduler does).
@@ -158,6 +165,20 @@ pub trait UpdateRule: Clone + Send + Sized {
     fn from_spec(spec: &OptimizerSpec) -> Option<Self>;
     /// Names of the buffers a parameter has after its first step.
     fn buffer_names(&self) -> Vec<&'static str>;
+    /// `update` with the gradient times `scale` (when given) as one pass over the elements, on
+    /// the CPU (see [`fused`]), writing the parameter in place: `Ok(true)` when done, `Ok(false)`
+    /// (nothing touched) where this rule or these tensors have no fused path.
+    fn update_fused(
+        &self,
+        _lr: f64,
+        _step: u64,
+        _var: &Var,
+        _grad: &Tensor,
+        _scale: Option<f64>,
+        _buffers: &mut Buffers,
+    ) -> candle_core::Result<bool> {
+        Ok(false)
+    }
     /// New parameter value after one step; `step` counts this one (1 on the first).
     /// `param` and `grad` are detached; buffers are updated in place.
     fn update(
@@ -242,7 +263,8 @@ impl<R: UpdateRule> ParamOptimizer<R> {
 }
 
 impl<R: UpdateRule> Optimizer for ParamOptimizer<R> {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
+    fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<()> {
+        let scale = (scale != 1.0).then_some(scale);
         for slot in &mut self.slots {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
@@ -251,17 +273,22 @@ impl<R: UpdateRule> Optimizer for ParamOptimizer<R> {
             if slot.var.elem_count() == 0 {
                 continue;
             }
-            let param = slot.var.as_tensor().detach();
-            let updated = self
-                .rule
-                .update(
-                    self.lr,
-                    slot.step,
-                    &param,
-                    &grad.detach(),
-                    &mut slot.buffers,
-                )
-                .and_then(|new| slot.var.set(&new));
+            let grad = grad.detach();
+            let (rule, lr, step) = (&self.rule, self.lr, slot.step);
+            let updated = rule
+                .update_fused(lr, step, &slot.var, &grad, scale, &mut slot.buffers)
+                .and_then(|done| {
+                    if done {
+                        return Ok(());
+                    }
+                    let grad = match scale {
+                        Some(s) => grad.affine(s, 0.0)?,
+                        None => grad,
+                    };
+                    let param = slot.var.as_tensor().detach();
+                    let new = rule.update(lr, step, &param, &grad, &mut slot.buffers)?;
+                    slot.var.set(&new)
+                });
             updated.map_err(|source| OptimError::Update {
                 model: self.model.clone(),
                 param: slot.name.clone(),

@@ -1,11 +1,12 @@
 //! RMSprop as `torch.optim.RMSprop` (single-tensor path, `foreach=False`).
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::common::{
     buffer_or_zeros, check, check_non_negative, check_positive, check_unit_half_open, l2_grad, lerp,
 };
+use super::fused::{self, affine, Elem, MAX_BUFFERS};
 use super::{Buffers, OptimizerSpec, Result, UpdateRule};
 
 const SQUARE_AVG: &str = "square_avg";
@@ -73,6 +74,26 @@ impl UpdateRule for RmsPropConfig {
         names
     }
 
+    fn update_fused(
+        &self,
+        lr: f64,
+        _step: u64,
+        var: &Var,
+        grad: &Tensor,
+        scale: Option<f64>,
+        buffers: &mut Buffers,
+    ) -> candle_core::Result<bool> {
+        fused::update(
+            var,
+            grad,
+            scale,
+            &self.buffer_names(),
+            buffers,
+            self.kernel::<f32>(lr),
+            self.kernel::<f64>(lr),
+        )
+    }
+
     fn update(
         &self,
         lr: f64,
@@ -107,6 +128,44 @@ impl UpdateRule for RmsPropConfig {
         } else {
             // param.addcdiv_(grad, avg, value=-lr)
             param + grad.affine(-lr, 0.0)?.div(&avg)?
+        }
+    }
+}
+
+impl RmsPropConfig {
+    /// `update` for one element: (param, grad, [square_avg, momentum_buffer?, grad_avg?]) ->
+    /// new param, the buffers updated in place; the same operations in the same order.
+    fn kernel<T: Elem>(&self, lr: f64) -> impl Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync {
+        let c = |v: f64| T::from_f64(v);
+        let zero = T::zero();
+        let (alpha, one_minus_alpha) = (c(self.alpha), c(1.0 - self.alpha));
+        let weight_decay = (self.weight_decay != 0.0).then(|| c(self.weight_decay));
+        let momentum = (self.momentum > 0.0).then(|| (1, c(self.momentum)));
+        let grad_avg = self.centered.then(|| 1 + usize::from(momentum.is_some()));
+        let w = 1.0 - self.alpha;
+        let (wt, one_minus_wt) = (c(w), c(1.0 - w));
+        let (one, eps, neg_lr) = (c(1.0), c(self.eps), c(-lr));
+        move |p: T, g: T, b: &mut [T; MAX_BUFFERS]| {
+            let g = match weight_decay {
+                Some(wd) => g + affine(p, wd, zero),
+                None => g,
+            };
+            b[0] = affine(b[0], alpha, zero) + affine(g, one_minus_alpha, zero) * g;
+            let avg = match grad_avg {
+                Some(k) => {
+                    b[k] = fused::lerp(b[k], g, w, wt, one_minus_wt);
+                    (b[0] - b[k] * b[k]).sqrt()
+                }
+                None => b[0].sqrt(),
+            };
+            let avg = affine(avg, one, eps);
+            match momentum {
+                Some((k, m)) => {
+                    b[k] = affine(b[k], m, zero) + g / avg;
+                    p + affine(b[k], neg_lr, zero)
+                }
+                None => p + affine(g, neg_lr, zero) / avg,
+            }
         }
     }
 }
