@@ -95,6 +95,165 @@ where
     Ok((out, Shape::from((b, co, oh, ow))))
 }
 
+/// The transposed convolution of `x` [B, Ci, H, W] by `w` [Ci, Co, K, K] on the CPU, one
+/// output phase at a time: the outputs (oy, ox) with oy = ry (mod stride), ox = rx take only the
+/// kernel taps ky with ry + padding - ky*dilation divisible by the stride (ky in steps of the
+/// stride for dilation 1), each reading input row oy/stride + a fixed offset. So each phase is a
+/// stride-1 correlation of the input with a sub-kernel: im2col (contiguous row copies) + one GEMM
+/// `[Co, Ci*taps] x [Ci*taps, positions]`, then a strided copy into the output. Its column buffer
+/// is Ci*taps per position, against Co*K*K per input position of [`conv_transpose_cpu`], and
+/// there is no read-modify-write scatter: the faster path when Ci <= Co (the expander's 16x16
+/// upsampling, Ci 128 -> Co 640). Bound: a band's column buffer holds at most `COLS_BUDGET`
+/// elements (one position's Ci*taps at the least), the GEMM's output Co per band position.
+pub(super) fn conv_transpose_phases_cpu<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    w: &[T],
+    ws: (usize, usize, usize, usize),
+    g: Geometry,
+) -> Result<(Vec<T>, Shape)>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + Default,
+{
+    phases_with_budget(x, xs, w, ws, g, COLS_BUDGET)
+}
+
+/// [`conv_transpose_phases_cpu`] with a column buffer of at most `budget` elements.
+fn phases_with_budget<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    w: &[T],
+    ws: (usize, usize, usize, usize),
+    g: Geometry,
+    budget: usize,
+) -> Result<(Vec<T>, Shape)>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + Default,
+{
+    let (b, ci, h, wd) = xs;
+    let (wci, co, k, k2) = ws;
+    if wci != ci || k != k2 {
+        candle_core::bail!("conv_transpose2d: kernel {ws:?} does not fit input {xs:?}");
+    }
+    let size = |n: usize, op: usize| -> Result<usize> {
+        g.transposed_len(n, k, op).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "conv_transpose2d: input {xs:?} too small for kernel {k} and padding {}",
+                g.padding
+            ))
+        })
+    };
+    let (oh, ow) = (size(h, g.output_padding.0)?, size(wd, g.output_padding.1)?);
+    let (s, d, pad) = (g.stride as isize, g.dilation as isize, g.padding as isize);
+    // The taps of phase r along one axis: (tap, input offset).
+    let taps = |r: usize| -> Vec<(usize, isize)> {
+        (0..k)
+            .filter_map(|t| {
+                let num = r as isize + pad - t as isize * d;
+                (num.rem_euclid(s) == 0).then(|| (t, num.div_euclid(s)))
+            })
+            .collect()
+    };
+    let mut out = vec![T::default(); b * co * oh * ow];
+    let (ohw, chw) = (oh * ow, ci * h * wd);
+    for ry in 0..g.stride.min(oh) {
+        let ty = taps(ry);
+        let nqy = (oh - ry).div_ceil(g.stride);
+        for rx in 0..g.stride.min(ow) {
+            let tx = taps(rx);
+            let nqx = (ow - rx).div_ceil(g.stride);
+            if ty.is_empty() || tx.is_empty() {
+                continue; // no input reaches these outputs: zeros
+            }
+            let (nty, ntx) = (ty.len(), tx.len());
+            let rows = ci * nty * ntx;
+            let npos = nqy * nqx;
+            // The phase's weights [Co, (ci, jy, jx)].
+            let mut wr = vec![T::default(); co * rows];
+            wr.par_chunks_mut(rows).enumerate().for_each(|(o, row)| {
+                for c in 0..ci {
+                    for (jy, &(ky, _)) in ty.iter().enumerate() {
+                        for (jx, &(kx, _)) in tx.iter().enumerate() {
+                            row[(c * nty + jy) * ntx + jx] = w[((c * co + o) * k + ky) * k + kx];
+                        }
+                    }
+                }
+            });
+            let band = (budget / rows.max(1)).clamp(1, npos.max(1));
+            let mut cols = vec![T::default(); rows * band];
+            let mut tmp = vec![T::default(); co * band];
+            for bi in 0..b {
+                let xb = &x[bi * chw..(bi + 1) * chw];
+                let out_b = &mut out[bi * co * ohw..(bi + 1) * co * ohw];
+                for p0 in (0..npos).step_by(band) {
+                    let n = band.min(npos - p0);
+                    cols[..rows * n]
+                        .par_chunks_mut(n)
+                        .enumerate()
+                        .for_each(|(row, dst)| {
+                            let c = row / (nty * ntx);
+                            let (oy, ox) = (ty[(row / ntx) % nty].1, tx[row % ntx].1);
+                            let plane = &xb[c * h * wd..(c + 1) * h * wd];
+                            // qx with 0 <= qx + ox < wd
+                            let lo = (-ox).max(0) as usize;
+                            let hi = (wd as isize - ox).clamp(0, nqx as isize) as usize;
+                            let (mut j, mut p) = (0, p0);
+                            while j < n {
+                                let (qy, qx0) = (p / nqx, p % nqx);
+                                let run = (nqx - qx0).min(n - j);
+                                let seg = &mut dst[j..j + run];
+                                let iy = qy as isize + oy;
+                                let (a, z) = (lo.clamp(qx0, qx0 + run), hi.clamp(qx0, qx0 + run));
+                                if iy < 0 || iy as usize >= h || a >= z {
+                                    seg.fill(T::default());
+                                } else {
+                                    let src = &plane[iy as usize * wd..][..wd];
+                                    seg[..a - qx0].fill(T::default());
+                                    let first = (a as isize + ox) as usize;
+                                    seg[a - qx0..z - qx0].copy_from_slice(&src[first..first + z - a]);
+                                    seg[z - qx0..].fill(T::default());
+                                }
+                                j += run;
+                                p += run;
+                            }
+                        });
+                    // SAFETY: tmp holds co x n, wr co x rows, cols rows x n.
+                    unsafe {
+                        gemm_into(
+                            (co, n, rows),
+                            tmp.as_mut_ptr(),
+                            (n, 1),
+                            false,
+                            wr.as_ptr(),
+                            (rows, 1),
+                            cols.as_ptr(),
+                            (n, 1),
+                        );
+                    }
+                    let tmp = &tmp[..co * n];
+                    out_b
+                        .par_chunks_mut(ohw)
+                        .zip(tmp.par_chunks(n))
+                        .for_each(|(o, t)| {
+                            let (mut j, mut p) = (0, p0);
+                            while j < n {
+                                let (qy, qx0) = (p / nqx, p % nqx);
+                                let run = (nqx - qx0).min(n - j);
+                                let orow = &mut o[(qy * g.stride + ry) * ow..][..ow];
+                                for (q, v) in t[j..j + run].iter().enumerate() {
+                                    orow[(qx0 + q) * g.stride + rx] = *v;
+                                }
+                                j += run;
+                                p += run;
+                            }
+                        });
+                }
+            }
+        }
+    }
+    Ok((out, Shape::from((b, co, oh, ow))))
+}
+
 /// Part of the im2col matrix of one input item `xb` [C, H, W] for a convolution of kernel
 /// `kk` and output width `ow`: rows `rows` (of C*kk*kk, ordered (c, ky, kx)) by output positions
 /// `pos` (of OH*OW), row-major into `out` (rows.len() x pos.len()); zeros outside the input.
@@ -334,6 +493,102 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The transposed convolution by its definition: each input element scattered through
+    /// the kernel.
+    fn naive_transposed(
+        x: &[f64],
+        (b, ci, h, wd): (usize, usize, usize, usize),
+        w: &[f64],
+        (co, k): (usize, usize),
+        g: Geometry,
+    ) -> (Vec<f64>, (usize, usize)) {
+        let oh = g.transposed_len(h, k, g.output_padding.0).unwrap();
+        let ow = g.transposed_len(wd, k, g.output_padding.1).unwrap();
+        let mut out = vec![0.0; b * co * oh * ow];
+        for bi in 0..b {
+            for c in 0..ci {
+                for iy in 0..h {
+                    for ix in 0..wd {
+                        let v = x[((bi * ci + c) * h + iy) * wd + ix];
+                        for o in 0..co {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let oy = (iy * g.stride + ky * g.dilation) as isize
+                                        - g.padding as isize;
+                                    let ox = (ix * g.stride + kx * g.dilation) as isize
+                                        - g.padding as isize;
+                                    if oy < 0 || ox < 0 || oy as usize >= oh || ox as usize >= ow
+                                    {
+                                        continue;
+                                    }
+                                    out[((bi * co + o) * oh + oy as usize) * ow + ox as usize] +=
+                                        v * w[((c * co + o) * k + ky) * k + kx];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (out, (oh, ow))
+    }
+
+    #[test]
+    fn both_transposed_convolutions_match_the_definition() {
+        // (kernel, stride, padding, dilation, output padding, h, w): the expander's 16/2/7,
+        // convolution input gradients (stride 1, dilation 2; stride 2 with output padding on
+        // one axis), stride 3, dilation sharing a factor with the stride (phases without
+        // taps), padding past the kernel, 1x1 inputs, H != W of both parities.
+        for (k, stride, padding, dilation, op, h, wd) in [
+            (16, 2, 7, 1, (0, 0), 5, 4),
+            (5, 1, 4, 2, (0, 0), 7, 6),
+            (8, 2, 3, 1, (1, 0), 6, 5),
+            (3, 1, 1, 1, (0, 0), 1, 1),
+            (4, 3, 1, 1, (2, 1), 4, 3),
+            (3, 2, 0, 2, (1, 1), 3, 4),
+            (2, 2, 3, 1, (0, 0), 5, 6),
+            (1, 1, 0, 1, (0, 0), 3, 2),
+        ] {
+            let g = Geometry {
+                padding,
+                stride,
+                dilation,
+                output_padding: op,
+            };
+            // ci < co (the phase path's case) and ci > co (col2im's).
+            for (ci, co) in [(2, 3), (3, 2)] {
+                let b = 2;
+                let x: Vec<f64> = (0..b * ci * h * wd)
+                    .map(|i| ((i * 7919) % 23) as f64 - 11.0)
+                    .collect();
+                let w: Vec<f64> = (0..ci * co * k * k)
+                    .map(|i| ((i * 104729) % 19) as f64 - 9.0)
+                    .collect();
+                let Some(_) = g.transposed_len(h, k, op.0).zip(g.transposed_len(wd, k, op.1))
+                else {
+                    continue;
+                };
+                let (want, (oh, ow)) = naive_transposed(&x, (b, ci, h, wd), &w, (co, k), g);
+                let xs = (b, ci, h, wd);
+                let ws = (ci, co, k, k);
+                // Bands of one position, of 5 (ending mid-row), and all positions.
+                let rows = ci * k * k;
+                for (name, (got, shape)) in [
+                    ("phases", conv_transpose_phases_cpu(&x, xs, &w, ws, g).unwrap()),
+                    ("phases/1", phases_with_budget(&x, xs, &w, ws, g, 1).unwrap()),
+                    ("phases/5", phases_with_budget(&x, xs, &w, ws, g, 5 * rows).unwrap()),
+                    ("col2im", conv_transpose_cpu(&x, xs, &w, ws, g).unwrap()),
+                ] {
+                    assert_eq!(shape.dims(), &[b, co, oh, ow], "{name}");
+                    assert_eq!(
+                        got, want,
+                        "{name}: k{k} s{stride} p{padding} d{dilation} op{op:?} {h}x{wd} ci{ci} co{co}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,14 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use super::contiguous;
 
 mod cpu;
-use cpu::{conv2d_cpu, conv_transpose_cpu, weight_grad_cpu};
+use cpu::{conv2d_cpu, conv_transpose_cpu, conv_transpose_phases_cpu, weight_grad_cpu};
+
+/// Which CPU algorithm a transposed convolution of `ci` input and `co` output channels takes:
+/// per output phase (im2col + GEMM, column buffer ∝ `ci`) when `ci <= co`, else GEMM + col2im
+/// (column buffer ∝ `co`).
+fn by_phases(ci: usize, co: usize) -> bool {
+    ci <= co
+}
 
 /// Geometry of a (transposed) convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +101,11 @@ impl CustomOp2 for ConvTransposeOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (xs, ws) = (dims4(l1)?, dims4(l2)?);
         on_f32_or_f64!(self.name(), (s1, l1), (s2, l2), |x, w| {
-            conv_transpose_cpu(x, xs, w, ws, self.0)?
+            if by_phases(ws.0, ws.1) {
+                conv_transpose_phases_cpu(x, xs, w, ws, self.0)?
+            } else {
+                conv_transpose_cpu(x, xs, w, ws, self.0)?
+            }
         })
     }
 
