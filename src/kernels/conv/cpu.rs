@@ -156,11 +156,57 @@ where
     };
     let mut out = vec![T::default(); b * co * oh * ow];
     let (ohw, chw) = (oh * ow, ci * h * wd);
-    for ry in 0..g.stride.min(oh) {
-        let ty = taps(ry);
+    // Every tap belongs to one phase per axis: (phase, index among the phase's taps).
+    let (phases_y, phases_x) = (g.stride.min(oh), g.stride.min(ow));
+    let all_y: Vec<Vec<(usize, isize)>> = (0..phases_y).map(taps).collect();
+    let all_x: Vec<Vec<(usize, isize)>> = (0..phases_x).map(taps).collect();
+    let place = |all: &[Vec<(usize, isize)>]| -> Vec<Option<(usize, usize)>> {
+        let mut v = vec![None; k];
+        for (r, t) in all.iter().enumerate() {
+            for (j, &(tap, _)) in t.iter().enumerate() {
+                v[tap] = Some((r, j));
+            }
+        }
+        v
+    };
+    let (py, px) = (place(&all_y), place(&all_x));
+    // The phases' weights [Co, (ci, jy, jx)], gathered in one pass over W (read in order, each
+    // element written to its phase).
+    let mut wr: Vec<Vec<T>> = (0..phases_y * phases_x)
+        .map(|r| {
+            vec![T::default(); co * ci * all_y[r / phases_x].len() * all_x[r % phases_x].len()]
+        })
+        .collect();
+    {
+        let dsts: Vec<SendPtr<T>> = wr.iter_mut().map(|v| SendPtr(v.as_mut_ptr())).collect();
+        (0..co).into_par_iter().for_each(|o| {
+            for c in 0..ci {
+                let kernel = &w[(c * co + o) * k * k..][..k * k];
+                for (ky, &pyv) in py.iter().enumerate() {
+                    let Some((ry, jy)) = pyv else { continue };
+                    let nty = all_y[ry].len();
+                    for (kx, &pxv) in px.iter().enumerate() {
+                        let Some((rx, jx)) = pxv else { continue };
+                        let ntx = all_x[rx].len();
+                        let rows = ci * nty * ntx;
+                        let at = o * rows + (c * nty + jy) * ntx + jx;
+                        // SAFETY: phase (ry, rx) holds co x rows; (o, c, jy, jx) is written once.
+                        unsafe {
+                            dsts[ry * phases_x + rx]
+                                .0
+                                .add(at)
+                                .write(kernel[ky * k + kx])
+                        };
+                    }
+                }
+            }
+        });
+    }
+    for ry in 0..phases_y {
+        let ty = &all_y[ry];
         let nqy = (oh - ry).div_ceil(g.stride);
-        for rx in 0..g.stride.min(ow) {
-            let tx = taps(rx);
+        for rx in 0..phases_x {
+            let tx = &all_x[rx];
             let nqx = (ow - rx).div_ceil(g.stride);
             if ty.is_empty() || tx.is_empty() {
                 continue; // no input reaches these outputs: zeros
@@ -168,17 +214,7 @@ where
             let (nty, ntx) = (ty.len(), tx.len());
             let rows = ci * nty * ntx;
             let npos = nqy * nqx;
-            // The phase's weights [Co, (ci, jy, jx)].
-            let mut wr = vec![T::default(); co * rows];
-            wr.par_chunks_mut(rows).enumerate().for_each(|(o, row)| {
-                for c in 0..ci {
-                    for (jy, &(ky, _)) in ty.iter().enumerate() {
-                        for (jx, &(kx, _)) in tx.iter().enumerate() {
-                            row[(c * nty + jy) * ntx + jx] = w[((c * co + o) * k + ky) * k + kx];
-                        }
-                    }
-                }
-            });
+            let wr = &wr[ry * phases_x + rx];
             let band = (budget / rows.max(1)).clamp(1, npos.max(1));
             let mut cols = vec![T::default(); rows * band];
             let mut tmp = vec![T::default(); co * band];
@@ -210,7 +246,8 @@ where
                                     let src = &plane[iy as usize * wd..][..wd];
                                     seg[..a - qx0].fill(T::default());
                                     let first = (a as isize + ox) as usize;
-                                    seg[a - qx0..z - qx0].copy_from_slice(&src[first..first + z - a]);
+                                    seg[a - qx0..z - qx0]
+                                        .copy_from_slice(&src[first..first + z - a]);
                                     seg[z - qx0..].fill(T::default());
                                 }
                                 j += run;
@@ -253,6 +290,12 @@ where
     }
     Ok((out, Shape::from((b, co, oh, ow))))
 }
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: the loops write disjoint elements through it.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 /// Part of the im2col matrix of one input item `xb` [C, H, W] for a convolution of kernel
 /// `kk` and output width `ow`: rows `rows` (of C*kk*kk, ordered (c, ky, kx)) by output positions
@@ -358,16 +401,38 @@ unsafe fn gemm_into<T: 'static + candle_core::WithDType>(
     )
 }
 
-/// y [B, K, OH, OW] = conv(x, w) on the CPU: for each batch item and band of output positions,
-/// `y_b[:, band] = W [K, C*kk*kk] x cols_band` with `cols_band` [C*kk*kk, band] that part of the
-/// im2col. Bound: a band's column buffer holds at most `COLS_BUDGET` elements (one position's
-/// C*kk*kk at the least).
+/// y [B, K, OH, OW] = conv(x, w) on the CPU: for each batch item, `y_b = W [K, C*kk*kk] x cols`
+/// with `cols` [C*kk*kk, OH*OW] the item's im2col, built and multiplied a band at a time. Where
+/// the whole im2col exceeds `COLS_BUDGET` elements, the bands are cut along whichever axis
+/// costs less to revisit: output positions (each band's GEMM packs all of W again: K*C*kk*kk
+/// per band) or rows (each band's GEMM accumulates into all of y_b: K*OH*OW read and written per
+/// band). A transposed convolution's input gradient has C*kk*kk in the hundreds of thousands
+/// (640 x 16 x 16 in the expander), where position bands re-packed 84 MB of weights per band.
+/// Bound: a band's column buffer holds at most `COLS_BUDGET` elements (one position's or one
+/// row's worth at the least).
 pub(super) fn conv2d_cpu<T>(
     x: &[T],
     xs: (usize, usize, usize, usize),
     w: &[T],
     ws: (usize, usize, usize, usize),
     g: Geometry,
+) -> Result<(Vec<T>, Shape)>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
+{
+    conv2d_with_budget(x, xs, w, ws, g, COLS_BUDGET, None)
+}
+
+/// [`conv2d_cpu`] with a column buffer of at most `budget` elements, cut into bands of rows
+/// (`Some(true)`), of positions (`Some(false)`) or whichever costs less (`None`).
+fn conv2d_with_budget<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    w: &[T],
+    ws: (usize, usize, usize, usize),
+    g: Geometry,
+    budget: usize,
+    by_rows: Option<bool>,
 ) -> Result<(Vec<T>, Shape)>
 where
     T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
@@ -387,14 +452,45 @@ where
     };
     let (oh, ow) = (size(h)?, size(wd)?);
     let (ckk, npos) = (c * kk * kk, oh * ow);
-    let band = (COLS_BUDGET / ckk.max(1)).clamp(1, npos.max(1));
+    let pos_band = (budget / ckk.max(1)).clamp(1, npos.max(1));
+    let row_band = (budget / npos.max(1)).clamp(1, ckk.max(1));
+    let (pos_bands, row_bands) = (npos.div_ceil(pos_band), ckk.div_ceil(row_band));
+    let by_rows =
+        by_rows.unwrap_or(pos_bands > 1 && (row_bands - 1) * 2 * npos < (pos_bands - 1) * ckk);
     let mut y = vec![T::default(); b * k * npos];
-    let mut cols = vec![T::default(); ckk * band];
+    let mut cols = vec![
+        T::default();
+        if by_rows {
+            row_band * npos
+        } else {
+            ckk * pos_band
+        }
+    ];
     for bi in 0..b {
         let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
         let yb = &mut y[bi * k * npos..(bi + 1) * k * npos];
-        for p0 in (0..npos).step_by(band) {
-            let n = band.min(npos - p0);
+        if by_rows {
+            for r0 in (0..ckk).step_by(row_band) {
+                let n = row_band.min(ckk - r0);
+                im2col_into(xb, (h, wd), kk, ow, g, r0..r0 + n, 0..npos, &mut cols);
+                // SAFETY: yb holds k x npos, w k x ckk (columns r0..r0+n read), cols n x npos.
+                unsafe {
+                    gemm_into(
+                        (k, npos, n),
+                        yb.as_mut_ptr(),
+                        (npos, 1),
+                        r0 > 0,
+                        w.as_ptr().add(r0),
+                        (ckk, 1),
+                        cols.as_ptr(),
+                        (npos, 1),
+                    );
+                }
+            }
+            continue;
+        }
+        for p0 in (0..npos).step_by(pos_band) {
+            let n = pos_band.min(npos - p0);
             im2col_into(xb, (h, wd), kk, ow, g, 0..ckk, p0..p0 + n, &mut cols);
             // SAFETY: yb holds k x npos (columns p0..p0+n written), w k x ckk, cols ckk x n.
             unsafe {
@@ -519,8 +615,7 @@ mod tests {
                                         - g.padding as isize;
                                     let ox = (ix * g.stride + kx * g.dilation) as isize
                                         - g.padding as isize;
-                                    if oy < 0 || ox < 0 || oy as usize >= oh || ox as usize >= ow
-                                    {
+                                    if oy < 0 || ox < 0 || oy as usize >= oh || ox as usize >= ow {
                                         continue;
                                     }
                                     out[((bi * co + o) * oh + oy as usize) * ow + ox as usize] +=
@@ -566,7 +661,9 @@ mod tests {
                 let w: Vec<f64> = (0..ci * co * k * k)
                     .map(|i| ((i * 104729) % 19) as f64 - 9.0)
                     .collect();
-                let Some(_) = g.transposed_len(h, k, op.0).zip(g.transposed_len(wd, k, op.1))
+                let Some(_) = g
+                    .transposed_len(h, k, op.0)
+                    .zip(g.transposed_len(wd, k, op.1))
                 else {
                     continue;
                 };
@@ -576,15 +673,81 @@ mod tests {
                 // Bands of one position, of 5 (ending mid-row), and all positions.
                 let rows = ci * k * k;
                 for (name, (got, shape)) in [
-                    ("phases", conv_transpose_phases_cpu(&x, xs, &w, ws, g).unwrap()),
-                    ("phases/1", phases_with_budget(&x, xs, &w, ws, g, 1).unwrap()),
-                    ("phases/5", phases_with_budget(&x, xs, &w, ws, g, 5 * rows).unwrap()),
+                    (
+                        "phases",
+                        conv_transpose_phases_cpu(&x, xs, &w, ws, g).unwrap(),
+                    ),
+                    (
+                        "phases/1",
+                        phases_with_budget(&x, xs, &w, ws, g, 1).unwrap(),
+                    ),
+                    (
+                        "phases/5",
+                        phases_with_budget(&x, xs, &w, ws, g, 5 * rows).unwrap(),
+                    ),
                     ("col2im", conv_transpose_cpu(&x, xs, &w, ws, g).unwrap()),
                 ] {
                     assert_eq!(shape.dims(), &[b, co, oh, ow], "{name}");
                     assert_eq!(
                         got, want,
                         "{name}: k{k} s{stride} p{padding} d{dilation} op{op:?} {h}x{wd} ci{ci} co{co}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn convolution_bands_of_rows_or_positions_match_the_definition() {
+        for (kk, stride, padding, dilation, h, wd) in [
+            (3, 1, 1, 1, 7, 6),
+            (5, 1, 4, 2, 6, 7),
+            (8, 2, 3, 1, 9, 8),
+            (16, 2, 7, 1, 10, 12),
+            (1, 1, 0, 1, 1, 1),
+        ] {
+            let g = Geometry {
+                padding,
+                stride,
+                dilation,
+                output_padding: (0, 0),
+            };
+            let (b, c, k) = (2, 3, 4);
+            let x: Vec<f64> = (0..b * c * h * wd)
+                .map(|i| ((i * 7919) % 23) as f64 - 11.0)
+                .collect();
+            let w: Vec<f64> = (0..k * c * kk * kk)
+                .map(|i| ((i * 104729) % 19) as f64 - 9.0)
+                .collect();
+            let (oh, ow) = (g.conv_len(h, kk).unwrap(), g.conv_len(wd, kk).unwrap());
+            let (ckk, npos) = (c * kk * kk, oh * ow);
+            let mut want = vec![0.0; b * k * npos];
+            for bi in 0..b {
+                let cols = naive(
+                    &x[bi * c * h * wd..][..c * h * wd],
+                    (c, h, wd),
+                    kk,
+                    (oh, ow),
+                    g,
+                );
+                for o in 0..k {
+                    for p in 0..npos {
+                        want[(bi * k + o) * npos + p] =
+                            (0..ckk).map(|r| w[o * ckk + r] * cols[r * npos + p]).sum();
+                    }
+                }
+            }
+            let xs = (b, c, h, wd);
+            let ws = (k, c, kk, kk);
+            // One band; bands of 1, of 3 and of 7 rows or positions (ending mid-row).
+            for budget in [usize::MAX >> 8, 1, 3 * npos.max(ckk), 7 * npos.min(ckk)] {
+                for by_rows in [Some(true), Some(false), None] {
+                    let (got, shape) =
+                        conv2d_with_budget(&x, xs, &w, ws, g, budget, by_rows).unwrap();
+                    assert_eq!(shape.dims(), &[b, k, oh, ow]);
+                    assert_eq!(
+                        got, want,
+                        "k{kk} s{stride} p{padding} d{dilation} {h}x{wd} budget {budget} rows {by_rows:?}"
                     );
                 }
             }
