@@ -144,151 +144,334 @@ where
         })
     };
     let (oh, ow) = (size(h, g.output_padding.0)?, size(wd, g.output_padding.1)?);
-    let (s, d, pad) = (g.stride as isize, g.dilation as isize, g.padding as isize);
-    // The taps of phase r along one axis: (tap, input offset).
-    let taps = |r: usize| -> Vec<(usize, isize)> {
-        (0..k)
-            .filter_map(|t| {
-                let num = r as isize + pad - t as isize * d;
-                (num.rem_euclid(s) == 0).then(|| (t, num.div_euclid(s)))
-            })
-            .collect()
-    };
+    let ph = Phases::new(g, k, oh, ow);
     let mut out = vec![T::default(); b * co * oh * ow];
     let (ohw, chw) = (oh * ow, ci * h * wd);
-    // Every tap belongs to one phase per axis: (phase, index among the phase's taps).
-    let (phases_y, phases_x) = (g.stride.min(oh), g.stride.min(ow));
-    let all_y: Vec<Vec<(usize, isize)>> = (0..phases_y).map(taps).collect();
-    let all_x: Vec<Vec<(usize, isize)>> = (0..phases_x).map(taps).collect();
-    let place = |all: &[Vec<(usize, isize)>]| -> Vec<Option<(usize, usize)>> {
-        let mut v = vec![None; k];
-        for (r, t) in all.iter().enumerate() {
-            for (j, &(tap, _)) in t.iter().enumerate() {
-                v[tap] = Some((r, j));
-            }
-        }
-        v
-    };
-    let (py, px) = (place(&all_y), place(&all_x));
     // The phases' weights [Co, (ci, jy, jx)], gathered in one pass over W (read in order, each
     // element written to its phase).
-    let mut wr: Vec<Vec<T>> = (0..phases_y * phases_x)
-        .map(|r| {
-            vec![T::default(); co * ci * all_y[r / phases_x].len() * all_x[r % phases_x].len()]
-        })
+    let mut wr: Vec<Vec<T>> = (0..ph.count())
+        .map(|r| vec![T::default(); co * ph.rows(r, ci)])
         .collect();
     {
         let dsts: Vec<SendPtr<T>> = wr.iter_mut().map(|v| SendPtr(v.as_mut_ptr())).collect();
         (0..co).into_par_iter().for_each(|o| {
             for c in 0..ci {
                 let kernel = &w[(c * co + o) * k * k..][..k * k];
-                for (ky, &pyv) in py.iter().enumerate() {
-                    let Some((ry, jy)) = pyv else { continue };
-                    let nty = all_y[ry].len();
-                    for (kx, &pxv) in px.iter().enumerate() {
-                        let Some((rx, jx)) = pxv else { continue };
-                        let ntx = all_x[rx].len();
-                        let rows = ci * nty * ntx;
-                        let at = o * rows + (c * nty + jy) * ntx + jx;
-                        // SAFETY: phase (ry, rx) holds co x rows; (o, c, jy, jx) is written once.
-                        unsafe {
-                            dsts[ry * phases_x + rx]
-                                .0
-                                .add(at)
-                                .write(kernel[ky * k + kx])
-                        };
-                    }
-                }
+                ph.for_each_tap(ci, |ky, kx, r, j| {
+                    // SAFETY: phase r holds co x rows; (o, c, j) is written once.
+                    unsafe {
+                        dsts[r]
+                            .0
+                            .add(o * ph.rows(r, ci) + c * ph.taps(r) + j)
+                            .write(kernel[ky * k + kx])
+                    };
+                });
             }
         });
     }
-    for ry in 0..phases_y {
-        let ty = &all_y[ry];
-        let nqy = (oh - ry).div_ceil(g.stride);
-        for rx in 0..phases_x {
-            let tx = &all_x[rx];
-            let nqx = (ow - rx).div_ceil(g.stride);
-            if ty.is_empty() || tx.is_empty() {
-                continue; // no input reaches these outputs: zeros
-            }
-            let (nty, ntx) = (ty.len(), tx.len());
-            let rows = ci * nty * ntx;
-            let npos = nqy * nqx;
-            let wr = &wr[ry * phases_x + rx];
-            let band = (budget / rows.max(1)).clamp(1, npos.max(1));
-            let mut cols = vec![T::default(); rows * band];
-            let mut tmp = vec![T::default(); co * band];
-            for bi in 0..b {
-                let xb = &x[bi * chw..(bi + 1) * chw];
-                let out_b = &mut out[bi * co * ohw..(bi + 1) * co * ohw];
-                for p0 in (0..npos).step_by(band) {
-                    let n = band.min(npos - p0);
-                    cols[..rows * n]
-                        .par_chunks_mut(n)
-                        .enumerate()
-                        .for_each(|(row, dst)| {
-                            let c = row / (nty * ntx);
-                            let (oy, ox) = (ty[(row / ntx) % nty].1, tx[row % ntx].1);
-                            let plane = &xb[c * h * wd..(c + 1) * h * wd];
-                            // qx with 0 <= qx + ox < wd
-                            let lo = (-ox).max(0) as usize;
-                            let hi = (wd as isize - ox).clamp(0, nqx as isize) as usize;
-                            let (mut j, mut p) = (0, p0);
-                            while j < n {
-                                let (qy, qx0) = (p / nqx, p % nqx);
-                                let run = (nqx - qx0).min(n - j);
-                                let seg = &mut dst[j..j + run];
-                                let iy = qy as isize + oy;
-                                let (a, z) = (lo.clamp(qx0, qx0 + run), hi.clamp(qx0, qx0 + run));
-                                if iy < 0 || iy as usize >= h || a >= z {
-                                    seg.fill(T::default());
-                                } else {
-                                    let src = &plane[iy as usize * wd..][..wd];
-                                    seg[..a - qx0].fill(T::default());
-                                    let first = (a as isize + ox) as usize;
-                                    seg[a - qx0..z - qx0]
-                                        .copy_from_slice(&src[first..first + z - a]);
-                                    seg[z - qx0..].fill(T::default());
-                                }
-                                j += run;
-                                p += run;
-                            }
-                        });
-                    // SAFETY: tmp holds co x n, wr co x rows, cols rows x n.
-                    unsafe {
-                        gemm_into(
-                            (co, n, rows),
-                            tmp.as_mut_ptr(),
-                            (n, 1),
-                            false,
-                            wr.as_ptr(),
-                            (rows, 1),
-                            cols.as_ptr(),
-                            (n, 1),
-                        );
-                    }
-                    let tmp = &tmp[..co * n];
-                    out_b
-                        .par_chunks_mut(ohw)
-                        .zip(tmp.par_chunks(n))
-                        .for_each(|(o, t)| {
-                            let (mut j, mut p) = (0, p0);
-                            while j < n {
-                                let (qy, qx0) = (p / nqx, p % nqx);
-                                let run = (nqx - qx0).min(n - j);
-                                let orow = &mut o[(qy * g.stride + ry) * ow..][..ow];
-                                for (q, v) in t[j..j + run].iter().enumerate() {
-                                    orow[(qx0 + q) * g.stride + rx] = *v;
-                                }
-                                j += run;
-                                p += run;
-                            }
-                        });
+    for r in 0..ph.count() {
+        let (ry, rx) = ph.phase(r);
+        let (nqy, nqx) = ph.positions(r);
+        if ph.taps(r) == 0 {
+            continue; // no input reaches these outputs: zeros
+        }
+        let rows = ph.rows(r, ci);
+        let npos = nqy * nqx;
+        let wr = &wr[r];
+        let band = (budget / rows.max(1)).clamp(1, npos.max(1));
+        let mut cols = vec![T::default(); rows * band];
+        let mut tmp = vec![T::default(); co * band];
+        for bi in 0..b {
+            let xb = &x[bi * chw..(bi + 1) * chw];
+            let out_b = &mut out[bi * co * ohw..(bi + 1) * co * ohw];
+            for p0 in (0..npos).step_by(band) {
+                let n = band.min(npos - p0);
+                ph.cols(r, xb, (ci, h, wd), p0..p0 + n, &mut cols[..rows * n]);
+                // SAFETY: tmp holds co x n, wr co x rows, cols rows x n.
+                unsafe {
+                    gemm_into(
+                        (co, n, rows),
+                        tmp.as_mut_ptr(),
+                        (n, 1),
+                        false,
+                        wr.as_ptr(),
+                        (rows, 1),
+                        cols.as_ptr(),
+                        (n, 1),
+                    );
                 }
+                let tmp = &tmp[..co * n];
+                out_b
+                    .par_chunks_mut(ohw)
+                    .zip(tmp.par_chunks(n))
+                    .for_each(|(o, t)| {
+                        ph.runs(nqx, p0..p0 + n, |j, qy, qx0, run| {
+                            let orow = &mut o[(qy * g.stride + ry) * ow..][..ow];
+                            for (q, v) in t[j..j + run].iter().enumerate() {
+                                orow[(qx0 + q) * g.stride + rx] = *v;
+                            }
+                        });
+                    });
             }
         }
     }
     Ok((out, Shape::from((b, co, oh, ow))))
+}
+
+/// The output phases of a transposed convolution (see [`conv_transpose_phases_cpu`]): for each
+/// phase (ry, rx), its taps along each axis with their input offsets.
+struct Phases {
+    stride: usize,
+    /// Per phase along y (x): (tap, input offset) of each of its taps.
+    ty: Vec<Vec<(usize, isize)>>,
+    tx: Vec<Vec<(usize, isize)>>,
+    /// Output rows and columns.
+    oh: usize,
+    ow: usize,
+}
+
+impl Phases {
+    fn new(g: Geometry, k: usize, oh: usize, ow: usize) -> Self {
+        let (s, d, pad) = (g.stride as isize, g.dilation as isize, g.padding as isize);
+        // The taps of phase r along one axis: ky with r + pad - ky*d divisible by the stride.
+        let taps = |r: usize| -> Vec<(usize, isize)> {
+            (0..k)
+                .filter_map(|t| {
+                    let num = r as isize + pad - t as isize * d;
+                    (num.rem_euclid(s) == 0).then(|| (t, num.div_euclid(s)))
+                })
+                .collect()
+        };
+        Self {
+            stride: g.stride,
+            ty: (0..g.stride.min(oh)).map(taps).collect(),
+            tx: (0..g.stride.min(ow)).map(taps).collect(),
+            oh,
+            ow,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.ty.len() * self.tx.len()
+    }
+
+    /// (ry, rx) of phase r.
+    fn phase(&self, r: usize) -> (usize, usize) {
+        (r / self.tx.len(), r % self.tx.len())
+    }
+
+    /// Kernel taps of phase r (ny * nx).
+    fn taps(&self, r: usize) -> usize {
+        let (ry, rx) = self.phase(r);
+        self.ty[ry].len() * self.tx[rx].len()
+    }
+
+    /// im2col rows of phase r: (ci, jy, jx).
+    fn rows(&self, r: usize, ci: usize) -> usize {
+        ci * self.taps(r)
+    }
+
+    /// Output rows and columns of phase r.
+    fn positions(&self, r: usize) -> (usize, usize) {
+        let (ry, rx) = self.phase(r);
+        (
+            (self.oh - ry).div_ceil(self.stride),
+            (self.ow - rx).div_ceil(self.stride),
+        )
+    }
+
+    /// `f(ky, kx, phase, tap index within the phase)` for every kernel tap that reaches an
+    /// output (a tap's phase is unique per axis).
+    fn for_each_tap(&self, _ci: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+        for (ry, ty) in self.ty.iter().enumerate() {
+            for (jy, &(ky, _)) in ty.iter().enumerate() {
+                for (rx, tx) in self.tx.iter().enumerate() {
+                    for (jx, &(kx, _)) in tx.iter().enumerate() {
+                        f(ky, kx, ry * self.tx.len() + rx, jy * tx.len() + jx);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `f(offset in the band, qy, first qx, run length)` for the runs of band positions
+    /// `pos` (of nqy x nqx) within one output row.
+    fn runs(
+        &self,
+        nqx: usize,
+        pos: std::ops::Range<usize>,
+        mut f: impl FnMut(usize, usize, usize, usize),
+    ) {
+        let n = pos.len();
+        let (mut j, mut p) = (0, pos.start);
+        while j < n {
+            let (qy, qx0) = (p / nqx, p % nqx);
+            let run = (nqx - qx0).min(n - j);
+            f(j, qy, qx0, run);
+            j += run;
+            p += run;
+        }
+    }
+
+    /// Phase r's im2col of one input item `xb` [ci, h, w] for band positions `pos`:
+    /// `dst[(c, jy, jx), p] = x[c, qy + offset_y(jy), qx + offset_x(jx)]`, zero outside.
+    fn cols<T: Copy + Send + Sync + Default>(
+        &self,
+        r: usize,
+        xb: &[T],
+        (ci, h, wd): (usize, usize, usize),
+        pos: std::ops::Range<usize>,
+        dst: &mut [T],
+    ) {
+        let (ry, rx) = self.phase(r);
+        let (ty, tx) = (&self.ty[ry], &self.tx[rx]);
+        let (nty, ntx) = (ty.len(), tx.len());
+        let (_, nqx) = self.positions(r);
+        let n = pos.len();
+        debug_assert_eq!(dst.len(), ci * nty * ntx * n);
+        dst.par_chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let c = row / (nty * ntx);
+                let (oy, ox) = (ty[(row / ntx) % nty].1, tx[row % ntx].1);
+                let plane = &xb[c * h * wd..(c + 1) * h * wd];
+                // qx with 0 <= qx + ox < wd
+                let lo = (-ox).max(0) as usize;
+                let hi = (wd as isize - ox).clamp(0, nqx as isize) as usize;
+                self.runs(nqx, pos.clone(), |j, qy, qx0, run| {
+                    let seg = &mut dst[j..j + run];
+                    let iy = qy as isize + oy;
+                    let (a, z) = (lo.clamp(qx0, qx0 + run), hi.clamp(qx0, qx0 + run));
+                    if iy < 0 || iy as usize >= h || a >= z {
+                        seg.fill(T::default());
+                    } else {
+                        let src = &plane[iy as usize * wd..][..wd];
+                        seg[..a - qx0].fill(T::default());
+                        let first = (a as isize + ox) as usize;
+                        seg[a - qx0..z - qx0].copy_from_slice(&src[first..first + z - a]);
+                        seg[z - qx0..].fill(T::default());
+                    }
+                });
+            });
+    }
+}
+
+/// dW [Ci, Co, K, K] of the transposed convolution `y = convT(x, w)` on the CPU, per output
+/// phase: `dW_r [Co, (ci, jy, jx)] += dy_r [Co, positions] x cols_r^T` with `cols_r` the
+/// phase's im2col of the input (as in [`conv_transpose_phases_cpu`]) and `dy_r` dy's outputs of
+/// that phase, then each phase's taps written to their places in dW. Its column buffers hold
+/// Ci*taps per position, against Co*K*K per input position for the weight gradient of the
+/// equivalent convolution of dy: the faster path where Ci <= Co. Bound: a band's column buffer
+/// holds at most `COLS_BUDGET` elements (one position's Ci*taps at the least), dy_r's band Co
+/// per position, and each phase's dW_r Co*Ci*taps (all of them together: dW's size).
+pub(super) fn conv_transpose_weight_grad_cpu<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    dy: &[T],
+    ys: (usize, usize, usize, usize),
+    k: usize,
+    g: Geometry,
+) -> Result<Vec<T>>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
+{
+    transposed_weight_grad_with_budget(x, xs, dy, ys, k, g, COLS_BUDGET)
+}
+
+fn transposed_weight_grad_with_budget<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    dy: &[T],
+    ys: (usize, usize, usize, usize),
+    k: usize,
+    g: Geometry,
+    budget: usize,
+) -> Result<Vec<T>>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
+{
+    let (b, ci, h, wd) = xs;
+    let (yb, co, oh, ow) = ys;
+    let want = (
+        g.transposed_len(h, k, g.output_padding.0),
+        g.transposed_len(wd, k, g.output_padding.1),
+    );
+    if yb != b || want != (Some(oh), Some(ow)) {
+        candle_core::bail!("conv_transpose2d weight gradient: dy {ys:?} does not fit x {xs:?}");
+    }
+    let ph = Phases::new(g, k, oh, ow);
+    let mut dw = vec![T::default(); ci * co * k * k];
+    let (ohw, chw) = (oh * ow, ci * h * wd);
+    let mut dwr: Vec<Vec<T>> = Vec::with_capacity(ph.count());
+    for r in 0..ph.count() {
+        let (ry, rx) = ph.phase(r);
+        let (nqy, nqx) = ph.positions(r);
+        let rows = ph.rows(r, ci);
+        let npos = nqy * nqx;
+        let mut acc = vec![T::default(); co * rows];
+        if rows == 0 {
+            dwr.push(acc);
+            continue;
+        }
+        let band = (budget / rows.max(1)).clamp(1, npos.max(1));
+        let mut cols = vec![T::default(); rows * band];
+        let mut dyr = vec![T::default(); co * band];
+        let mut first = true;
+        for bi in 0..b {
+            let xb = &x[bi * chw..(bi + 1) * chw];
+            let dyb = &dy[bi * co * ohw..(bi + 1) * co * ohw];
+            for p0 in (0..npos).step_by(band) {
+                let n = band.min(npos - p0);
+                ph.cols(r, xb, (ci, h, wd), p0..p0 + n, &mut cols[..rows * n]);
+                dyr[..co * n]
+                    .par_chunks_mut(n)
+                    .enumerate()
+                    .for_each(|(o, dst)| {
+                        let plane = &dyb[o * ohw..(o + 1) * ohw];
+                        ph.runs(nqx, p0..p0 + n, |j, qy, qx0, run| {
+                            let src = &plane[(qy * g.stride + ry) * ow..][..ow];
+                            for (q, v) in dst[j..j + run].iter_mut().enumerate() {
+                                *v = src[(qx0 + q) * g.stride + rx];
+                            }
+                        });
+                    });
+                // SAFETY: acc holds co x rows, dyr co x n, cols rows x n read transposed.
+                unsafe {
+                    gemm_into(
+                        (co, rows, n),
+                        acc.as_mut_ptr(),
+                        (rows, 1),
+                        !first,
+                        dyr.as_ptr(),
+                        (n, 1),
+                        cols.as_ptr(),
+                        (1, n),
+                    );
+                }
+                first = false;
+            }
+        }
+        dwr.push(acc);
+    }
+    {
+        // dW[c, o, ky, kx] = dW_r[o, (c, j)] for the tap's phase r and index j.
+        let taps: Vec<(usize, usize, usize, usize)> = {
+            let mut v = Vec::new();
+            ph.for_each_tap(ci, |ky, kx, r, j| v.push((ky, kx, r, j)));
+            v
+        };
+        dw.par_chunks_mut(co * k * k)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for o in 0..co {
+                    for &(ky, kx, r, j) in &taps {
+                        dst[(o * k + ky) * k + kx] =
+                            dwr[r][o * ph.rows(r, ci) + c * ph.taps(r) + j];
+                    }
+                }
+            });
+    }
+    Ok(dw)
 }
 
 #[derive(Clone, Copy)]
@@ -691,6 +874,79 @@ mod tests {
                     assert_eq!(
                         got, want,
                         "{name}: k{k} s{stride} p{padding} d{dilation} op{op:?} {h}x{wd} ci{ci} co{co}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_weight_gradient_by_phases_matches_the_definition() {
+        for (k, stride, padding, dilation, op, h, wd) in [
+            (16, 2, 7, 1, (0, 0), 5, 4),
+            (5, 1, 4, 2, (0, 0), 7, 6),
+            (8, 2, 3, 1, (1, 0), 6, 5),
+            (3, 1, 1, 1, (0, 0), 1, 1),
+            (4, 3, 1, 1, (2, 1), 4, 3),
+            (3, 2, 0, 2, (1, 1), 3, 4),
+            (2, 2, 3, 1, (0, 0), 5, 6),
+        ] {
+            let g = Geometry {
+                padding,
+                stride,
+                dilation,
+                output_padding: op,
+            };
+            let (Some(oh), Some(ow)) =
+                (g.transposed_len(h, k, op.0), g.transposed_len(wd, k, op.1))
+            else {
+                continue;
+            };
+            for (ci, co) in [(2, 3), (3, 2)] {
+                let b = 2;
+                let x: Vec<f64> = (0..b * ci * h * wd)
+                    .map(|i| ((i * 7919) % 23) as f64 - 11.0)
+                    .collect();
+                let dy: Vec<f64> = (0..b * co * oh * ow)
+                    .map(|i| ((i * 104729) % 19) as f64 - 9.0)
+                    .collect();
+                let mut want = vec![0.0; ci * co * k * k];
+                for bi in 0..b {
+                    for c in 0..ci {
+                        for o in 0..co {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    for iy in 0..h {
+                                        for ix in 0..wd {
+                                            let oy = (iy * stride + ky * dilation) as isize
+                                                - padding as isize;
+                                            let ox = (ix * stride + kx * dilation) as isize
+                                                - padding as isize;
+                                            if oy < 0
+                                                || ox < 0
+                                                || oy as usize >= oh
+                                                || ox as usize >= ow
+                                            {
+                                                continue;
+                                            }
+                                            want[((c * co + o) * k + ky) * k + kx] += x
+                                                [((bi * ci + c) * h + iy) * wd + ix]
+                                                * dy[((bi * co + o) * oh + oy as usize) * ow
+                                                    + ox as usize];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                let (xs, ys) = ((b, ci, h, wd), (b, co, oh, ow));
+                for budget in [COLS_BUDGET, 1, 5 * ci * k * k] {
+                    let got =
+                        transposed_weight_grad_with_budget(&x, xs, &dy, ys, k, g, budget).unwrap();
+                    assert_eq!(
+                        got, want,
+                        "k{k} s{stride} p{padding} d{dilation} op{op:?} {h}x{wd} ci{ci} co{co} budget {budget}"
                     );
                 }
             }

@@ -13,7 +13,10 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use super::contiguous;
 
 mod cpu;
-use cpu::{conv2d_cpu, conv_transpose_cpu, conv_transpose_phases_cpu, weight_grad_cpu};
+use cpu::{
+    conv2d_cpu, conv_transpose_cpu, conv_transpose_phases_cpu, conv_transpose_weight_grad_cpu,
+    weight_grad_cpu,
+};
 
 /// Which CPU algorithm a transposed convolution of `ci` input and `co` output channels takes:
 /// per output phase (im2col + GEMM, column buffer ∝ `ci`) when `ci <= co`, else GEMM + col2im
@@ -162,10 +165,56 @@ impl CustomOp2 for ConvTransposeOp {
             false => None,
         };
         let grad_w = match w.track_op() {
-            true => Some(weight_grad(&grad, x, w, g)?),
+            true => Some(transposed_weight_grad(x, &grad, w, g)?),
             false => None,
         };
         Ok((grad_x, grad_w))
+    }
+}
+
+/// The weight gradient of the transposed convolution `y = convT(x, w)` from `x` and `dy`,
+/// shaped like `w` [Ci, Co, K, K]: per output phase on the CPU where Ci <= Co (f32, f64; see
+/// [`conv_transpose_weight_grad_cpu`]), else the weight gradient of the convolution dy -> x.
+fn transposed_weight_grad(x: &Tensor, dy: &Tensor, w: &Tensor, g: Geometry) -> Result<Tensor> {
+    let (ci, co, k, k2) = w.dims4()?;
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && k == k2;
+    if cpu && by_phases(ci, co) {
+        let op = TransposedFilterGradOp {
+            g,
+            w: [ci, co, k, k],
+        };
+        return x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &op);
+    }
+    weight_grad(dy, x, w, g)
+}
+
+/// The transposed convolution's weight gradient as an op of (x, dy), shaped `w`, on the CPU.
+struct TransposedFilterGradOp {
+    g: Geometry,
+    w: [usize; 4],
+}
+
+impl CustomOp2 for TransposedFilterGradOp {
+    fn name(&self) -> &'static str {
+        "fluxflow-conv-transpose2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [ci, co, k, _] = self.w;
+        let (xs, ys) = (dims4(l1)?, dims4(l2)?);
+        if xs.1 != ci || ys.1 != co {
+            candle_core::bail!("{}: {xs:?} and {ys:?} do not fit {:?}", self.name(), self.w);
+        }
+        on_f32_or_f64!(self.name(), (s1, l1), (s2, l2), |x, dy| {
+            let dw = conv_transpose_weight_grad_cpu(x, xs, dy, ys, k, self.g)?;
+            (dw, Shape::from(self.w.to_vec()))
+        })
     }
 }
 

@@ -101,6 +101,13 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not its field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 struct Update<'a, T, F> {
     grad: &'a [T],
     /// The gradient's factor (clipping), if it is scaled.
@@ -140,15 +147,15 @@ impl<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync> InplaceOp1 for Upd
                     None => self.grad[i],
                 };
                 let mut b = [zero; MAX_BUFFERS];
-                for k in 0..self.n_buffers {
-                    if let Some(s) = self.buffers[k] {
-                        b[k] = s[i];
+                for (v, src) in b.iter_mut().zip(&self.buffers[..self.n_buffers]) {
+                    if let Some(s) = src {
+                        *v = s[i];
                     }
                 }
                 *pv = (self.f)(*pv, g, &mut b);
-                for k in 0..self.n_buffers {
-                    // SAFETY: output k has room for every element; each i is written once.
-                    unsafe { self.outputs[k].0.add(i).write(b[k]) };
+                for (v, dst) in b.iter().zip(&self.outputs[..self.n_buffers]) {
+                    // SAFETY: each output has room for every element; each i is written once.
+                    unsafe { dst.get().add(i).write(*v) };
                 }
             }
         });
@@ -275,11 +282,10 @@ fn ema_as<T: Elem>(
         let (d, k, zero) = (T::from_f64(decay), T::from_f64(1.0 - decay), T::zero());
         let dst = SendPtr(out.as_mut_ptr());
         (0..n.div_ceil(CHUNK)).into_par_iter().for_each(|c| {
-            let dst = dst;
             for i in c * CHUNK..((c + 1) * CHUNK).min(n) {
                 // SAFETY: out has room for n elements; each i is written once.
                 unsafe {
-                    dst.0
+                    dst.get()
                         .add(i)
                         .write(affine(s[i], d, zero) + affine(p[i], k, zero))
                 };
