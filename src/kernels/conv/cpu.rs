@@ -157,7 +157,7 @@ where
         (0..co).into_par_iter().for_each(|o| {
             for c in 0..ci {
                 let kernel = &w[(c * co + o) * k * k..][..k * k];
-                ph.for_each_tap(ci, |ky, kx, r, j| {
+                ph.for_each_tap(|ky, kx, r, j| {
                     // SAFETY: phase r holds co x rows; (o, c, j) is written once.
                     unsafe {
                         dsts[r]
@@ -282,7 +282,7 @@ impl Phases {
 
     /// `f(ky, kx, phase, tap index within the phase)` for every kernel tap that reaches an
     /// output (a tap's phase is unique per axis).
-    fn for_each_tap(&self, _ci: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
         for (ry, ty) in self.ty.iter().enumerate() {
             for (jy, &(ky, _)) in ty.iter().enumerate() {
                 for (rx, tx) in self.tx.iter().enumerate() {
@@ -457,7 +457,7 @@ where
         // dW[c, o, ky, kx] = dW_r[o, (c, j)] for the tap's phase r and index j.
         let taps: Vec<(usize, usize, usize, usize)> = {
             let mut v = Vec::new();
-            ph.for_each_tap(ci, |ky, kx, r, j| v.push((ky, kx, r, j)));
+            ph.for_each_tap(|ky, kx, r, j| v.push((ky, kx, r, j)));
             v
         };
         dw.par_chunks_mut(co * k * k)
