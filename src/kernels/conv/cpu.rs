@@ -42,7 +42,7 @@ where
     // copy of W, no product tensor copied out).
     let kkw = co * k * k;
     let chunk = (COLS_BUDGET / (k * k * hw).max(1)).clamp(1, co);
-    let mut cols = vec![T::default(); chunk * k * k * hw];
+    let mut cols = scratch(chunk * k * k * hw);
     for bi in 0..b {
         let xb = &x[bi * ci * hw..(bi + 1) * ci * hw];
         let out_b = &mut out[bi * co * oh * ow..(bi + 1) * co * oh * ow];
@@ -150,22 +150,23 @@ where
     // The phases' weights [Co, (ci, jy, jx)], gathered in one pass over W (read in order, each
     // element written to its phase).
     let mut wr: Vec<Vec<T>> = (0..ph.count())
-        .map(|r| vec![T::default(); co * ph.rows(r, ci)])
+        .map(|r| scratch(co * ph.rows(r, ci)))
         .collect();
     {
         let dsts: Vec<SendPtr<T>> = wr.iter_mut().map(|v| SendPtr(v.as_mut_ptr())).collect();
+        let map = ph.tap_map(k, ci);
         (0..co).into_par_iter().for_each(|o| {
             for c in 0..ci {
                 let kernel = &w[(c * co + o) * k * k..][..k * k];
-                ph.for_each_tap(|ky, kx, r, j| {
+                for &(kidx, r, rows, taps, j) in &map {
                     // SAFETY: phase r holds co x rows; (o, c, j) is written once.
                     unsafe {
                         dsts[r]
-                            .0
-                            .add(o * ph.rows(r, ci) + c * ph.taps(r) + j)
-                            .write(kernel[ky * k + kx])
+                            .get()
+                            .add(o * rows + c * taps + j)
+                            .write(kernel[kidx])
                     };
-                });
+                }
             }
         });
     }
@@ -179,8 +180,8 @@ where
         let npos = nqy * nqx;
         let wr = &wr[r];
         let band = (budget / rows.max(1)).clamp(1, npos.max(1));
-        let mut cols = vec![T::default(); rows * band];
-        let mut tmp = vec![T::default(); co * band];
+        let mut cols = scratch(rows * band);
+        let mut tmp = scratch(co * band);
         for bi in 0..b {
             let xb = &x[bi * chw..(bi + 1) * chw];
             let out_b = &mut out[bi * co * ohw..(bi + 1) * co * ohw];
@@ -280,18 +281,29 @@ impl Phases {
         )
     }
 
-    /// `f(ky, kx, phase, tap index within the phase)` for every kernel tap that reaches an
-    /// output (a tap's phase is unique per axis).
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
+    /// For every kernel tap that reaches an output (its phase is unique per axis), in the
+    /// kernel's order: (ky * k + kx, phase, the phase's rows for `ci` input channels, the
+    /// phase's taps, the tap's index among them).
+    fn tap_map(&self, k: usize, ci: usize) -> Vec<(usize, usize, usize, usize, usize)> {
+        let mut v = Vec::with_capacity(k * k);
         for (ry, ty) in self.ty.iter().enumerate() {
             for (jy, &(ky, _)) in ty.iter().enumerate() {
                 for (rx, tx) in self.tx.iter().enumerate() {
                     for (jx, &(kx, _)) in tx.iter().enumerate() {
-                        f(ky, kx, ry * self.tx.len() + rx, jy * tx.len() + jx);
+                        let r = ry * self.tx.len() + rx;
+                        v.push((
+                            ky * k + kx,
+                            r,
+                            self.rows(r, ci),
+                            self.taps(r),
+                            jy * tx.len() + jx,
+                        ));
                     }
                 }
             }
         }
+        v.sort_unstable();
+        v
     }
 
     /// `f(offset in the band, qy, first qx, run length)` for the runs of band positions
@@ -408,14 +420,14 @@ where
         let (nqy, nqx) = ph.positions(r);
         let rows = ph.rows(r, ci);
         let npos = nqy * nqx;
-        let mut acc = vec![T::default(); co * rows];
+        let mut acc = scratch(co * rows);
         if rows == 0 {
             dwr.push(acc);
             continue;
         }
         let band = (budget / rows.max(1)).clamp(1, npos.max(1));
-        let mut cols = vec![T::default(); rows * band];
-        let mut dyr = vec![T::default(); co * band];
+        let mut cols = scratch(rows * band);
+        let mut dyr = scratch(co * band);
         let mut first = true;
         for bi in 0..b {
             let xb = &x[bi * chw..(bi + 1) * chw];
@@ -455,18 +467,13 @@ where
     }
     {
         // dW[c, o, ky, kx] = dW_r[o, (c, j)] for the tap's phase r and index j.
-        let taps: Vec<(usize, usize, usize, usize)> = {
-            let mut v = Vec::new();
-            ph.for_each_tap(|ky, kx, r, j| v.push((ky, kx, r, j)));
-            v
-        };
+        let map = ph.tap_map(k, ci);
         dw.par_chunks_mut(co * k * k)
             .enumerate()
             .for_each(|(c, dst)| {
-                for o in 0..co {
-                    for &(ky, kx, r, j) in &taps {
-                        dst[(o * k + ky) * k + kx] =
-                            dwr[r][o * ph.rows(r, ci) + c * ph.taps(r) + j];
+                for (o, dst) in dst.chunks_mut(k * k).enumerate() {
+                    for &(kidx, r, rows, taps, j) in &map {
+                        dst[kidx] = dwr[r][o * rows + c * taps + j];
                     }
                 }
             });
@@ -474,11 +481,34 @@ where
     Ok(dw)
 }
 
+/// A buffer of `n` elements that its user writes in full before reading any (a column band
+/// filled by im2col, a GEMM's output written without reading it): no zeroing pass, which for
+/// the column buffers (up to `COLS_BUDGET` elements per call) was a few percent of a step.
+/// This is how candle allocates its own CPU outputs (`alloc_uninit`).
+fn scratch<T: candle_core::WithDType>(n: usize) -> Vec<T> {
+    // The unit tests fill it with NaN, so a read before a write shows in their exact results.
+    if cfg!(test) {
+        return vec![T::from_f64(f64::NAN); n];
+    }
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: T is a plain float (Copy, no drop, every bit pattern valid); the callers write
+    // every element before reading it (see each call).
+    unsafe { v.set_len(n) };
+    v
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
 // SAFETY: the loops write disjoint elements through it.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not its field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 /// Part of the im2col matrix of one input item `xb` [C, H, W] for a convolution of kernel
 /// `kk` and output width `ow`: rows `rows` (of C*kk*kk, ordered (c, ky, kx)) by output positions
@@ -640,7 +670,7 @@ where
     let (pos_bands, row_bands) = (npos.div_ceil(pos_band), ckk.div_ceil(row_band));
     let by_rows =
         by_rows.unwrap_or(pos_bands > 1 && (row_bands - 1) * 2 * npos < (pos_bands - 1) * ckk);
-    let mut y = vec![T::default(); b * k * npos];
+    let mut y = scratch(b * k * npos);
     let mut cols = vec![
         T::default();
         if by_rows {
@@ -718,7 +748,7 @@ where
     let inner = oh * ow;
     let band = (COLS_BUDGET / inner.max(1)).clamp(1, ckk.max(1));
     let mut dw = vec![T::default(); k * ckk];
-    let mut cols = vec![T::default(); band * inner];
+    let mut cols = scratch(band * inner);
     for bi in 0..b {
         let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
         let yb = &dy[bi * k * inner..(bi + 1) * k * inner];
