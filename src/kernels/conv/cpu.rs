@@ -485,6 +485,10 @@ where
 /// filled by im2col, a GEMM's output written without reading it): no zeroing pass, which for
 /// the column buffers (up to `COLS_BUDGET` elements per call) was a few percent of a step.
 /// This is how candle allocates its own CPU outputs (`alloc_uninit`).
+// The same as candle's `alloc_uninit` for CPU storage (clippy's `uninit_vec`): the elements are
+// plain floats and every one is written (by a copy, a fill or gemm without reading its output)
+// before it is read.
+#[allow(clippy::uninit_vec)]
 fn scratch<T: candle_core::WithDType>(n: usize) -> Vec<T> {
     // The unit tests fill it with NaN, so a read before a write shows in their exact results.
     if cfg!(test) {
