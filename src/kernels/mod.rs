@@ -16,6 +16,21 @@ pub use conv::{conv2d, conv_transpose2d};
 
 use candle_core::{DType, Layout, Result, Tensor};
 
+/// A raw pointer that parallel loops share to write disjoint elements of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: its users write disjoint elements through it, each at most once, while the buffer
+// outlives the loop.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not its field).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// The part of a CPU storage's data that a contiguous layout describes.
 pub(crate) fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {

@@ -5,6 +5,8 @@
 use candle_core::{Result, Shape};
 use rayon::prelude::*;
 
+use crate::kernels::SendPtr;
+
 use super::Geometry;
 
 /// Elements of the column buffer per GEMM, to bound memory on large layers.
@@ -501,19 +503,6 @@ fn scratch<T: candle_core::WithDType>(n: usize) -> Vec<T> {
     v
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-// SAFETY: the loops write disjoint elements through it.
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
-
-impl<T> SendPtr<T> {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not its field).
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
 /// Part of the im2col matrix of one input item `xb` [C, H, W] for a convolution of kernel
 /// `kk` and output width `ow`: rows `rows` (of C*kk*kk, ordered (c, ky, kx)) by output positions
 /// `pos` (of OH*OW), row-major into `out` (rows.len() x pos.len()); zeros outside the input.
@@ -847,13 +836,12 @@ mod tests {
         (out, (oh, ow))
     }
 
-    #[test]
-    fn both_transposed_convolutions_match_the_definition() {
-        // (kernel, stride, padding, dilation, output padding, h, w): the expander's 16/2/7,
-        // convolution input gradients (stride 1, dilation 2; stride 2 with output padding on
-        // one axis), stride 3, dilation sharing a factor with the stride (phases without
-        // taps), padding past the kernel, 1x1 inputs, H != W of both parities.
-        for (k, stride, padding, dilation, op, h, wd) in [
+    /// (kernel, geometry, input h x w) of the transposed-convolution tests: the expander's
+    /// 16/2/7, convolution input gradients (stride 1, dilation 2; stride 2 with output padding
+    /// on one axis), stride 3, dilation sharing a factor with the stride (phases without taps),
+    /// padding past the kernel, 1x1 inputs, H != W of both parities.
+    fn transposed_cases() -> Vec<(usize, Geometry, (usize, usize))> {
+        [
             (16, 2, 7, 1, (0, 0), 5, 4),
             (5, 1, 4, 2, (0, 0), 7, 6),
             (8, 2, 3, 1, (1, 0), 6, 5),
@@ -862,13 +850,25 @@ mod tests {
             (3, 2, 0, 2, (1, 1), 3, 4),
             (2, 2, 3, 1, (0, 0), 5, 6),
             (1, 1, 0, 1, (0, 0), 3, 2),
-        ] {
+        ]
+        .into_iter()
+        .map(|(k, stride, padding, dilation, output_padding, h, wd)| {
             let g = Geometry {
                 padding,
                 stride,
                 dilation,
-                output_padding: op,
+                output_padding,
             };
+            (k, g, (h, wd))
+        })
+        .collect()
+    }
+
+    #[test]
+    fn both_transposed_convolutions_match_the_definition() {
+        for (k, g, (h, wd)) in transposed_cases() {
+            let (stride, padding, dilation, op) =
+                (g.stride, g.padding, g.dilation, g.output_padding);
             // ci < co (the phase path's case) and ci > co (col2im's).
             for (ci, co) in [(2, 3), (3, 2)] {
                 let b = 2;
@@ -916,21 +916,9 @@ mod tests {
 
     #[test]
     fn transposed_weight_gradient_by_phases_matches_the_definition() {
-        for (k, stride, padding, dilation, op, h, wd) in [
-            (16, 2, 7, 1, (0, 0), 5, 4),
-            (5, 1, 4, 2, (0, 0), 7, 6),
-            (8, 2, 3, 1, (1, 0), 6, 5),
-            (3, 1, 1, 1, (0, 0), 1, 1),
-            (4, 3, 1, 1, (2, 1), 4, 3),
-            (3, 2, 0, 2, (1, 1), 3, 4),
-            (2, 2, 3, 1, (0, 0), 5, 6),
-        ] {
-            let g = Geometry {
-                padding,
-                stride,
-                dilation,
-                output_padding: op,
-            };
+        for (k, g, (h, wd)) in transposed_cases() {
+            let (stride, padding, dilation, op) =
+                (g.stride, g.padding, g.dilation, g.output_padding);
             let (Some(oh), Some(ow)) =
                 (g.transposed_len(h, k, op.0), g.transposed_len(wd, k, op.1))
             else {

@@ -15,6 +15,8 @@
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
+use crate::kernels::SendPtr;
+
 use super::Buffers;
 
 /// Elements per parallel work item.
@@ -93,19 +95,6 @@ fn slice_of<'a, T: Elem>(storage: &'a Storage, layout: &Layout) -> Option<&'a [T
 /// Whether `t` is a contiguous CPU tensor of `dtype` (what the fused loops take).
 pub(super) fn fusable(t: &Tensor, dtype: DType) -> bool {
     t.device().is_cpu() && t.dtype() == dtype && t.is_contiguous()
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-// SAFETY: the loops write disjoint elements through it.
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
-
-impl<T> SendPtr<T> {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not its field).
-    fn get(self) -> *mut T {
-        self.0
-    }
 }
 
 struct Update<'a, T, F> {
