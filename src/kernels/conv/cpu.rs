@@ -12,18 +12,14 @@ use super::Geometry;
 /// Elements of the column buffer per GEMM, to bound memory on large layers.
 pub(super) const COLS_BUDGET: usize = 1 << 24;
 
-/// The transposed convolution of `x` [B, Ci, H, W] by `w` [Ci, Co, K, K] on the CPU.
-pub(super) fn conv_transpose_cpu<T>(
-    x: &[T],
+/// (Co, K, OH, OW) of the transposed convolution of an input `xs` [B, Ci, H, W] by a kernel
+/// `ws` [Ci, Co, K, K], or an error naming the shapes.
+fn transposed_output(
     xs: (usize, usize, usize, usize),
-    w: &[T],
     ws: (usize, usize, usize, usize),
     g: Geometry,
-) -> Result<(Vec<T>, Shape)>
-where
-    T: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + Default,
-{
-    let (b, ci, h, wd) = xs;
+) -> Result<(usize, usize, usize, usize)> {
+    let (_, ci, h, wd) = xs;
     let (wci, co, k, k2) = ws;
     if wci != ci || k != k2 {
         candle_core::bail!("conv_transpose2d: kernel {ws:?} does not fit input {xs:?}");
@@ -36,7 +32,27 @@ where
             ))
         })
     };
-    let (oh, ow) = (size(h, g.output_padding.0)?, size(wd, g.output_padding.1)?);
+    Ok((
+        co,
+        k,
+        size(h, g.output_padding.0)?,
+        size(wd, g.output_padding.1)?,
+    ))
+}
+
+/// The transposed convolution of `x` [B, Ci, H, W] by `w` [Ci, Co, K, K] on the CPU.
+pub(super) fn conv_transpose_cpu<T>(
+    x: &[T],
+    xs: (usize, usize, usize, usize),
+    w: &[T],
+    ws: (usize, usize, usize, usize),
+    g: Geometry,
+) -> Result<(Vec<T>, Shape)>
+where
+    T: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + Default,
+{
+    let (b, ci, h, wd) = xs;
+    let (co, k, oh, ow) = transposed_output(xs, ws, g)?;
     let hw = h * wd;
     let mut out = vec![T::default(); b * co * oh * ow];
     // The columns of output channels c0..c0+cn: W[:, c0*K*K..][Ci, cn*K*K] read transposed,
@@ -133,19 +149,7 @@ where
     T: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + Default,
 {
     let (b, ci, h, wd) = xs;
-    let (wci, co, k, k2) = ws;
-    if wci != ci || k != k2 {
-        candle_core::bail!("conv_transpose2d: kernel {ws:?} does not fit input {xs:?}");
-    }
-    let size = |n: usize, op: usize| -> Result<usize> {
-        g.transposed_len(n, k, op).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "conv_transpose2d: input {xs:?} too small for kernel {k} and padding {}",
-                g.padding
-            ))
-        })
-    };
-    let (oh, ow) = (size(h, g.output_padding.0)?, size(wd, g.output_padding.1)?);
+    let (co, k, oh, ow) = transposed_output(xs, ws, g)?;
     let ph = Phases::new(g, k, oh, ow);
     let mut out = vec![T::default(); b * co * oh * ow];
     let (ohw, chw) = (oh * ow, ci * h * wd);
