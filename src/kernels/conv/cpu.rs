@@ -121,23 +121,10 @@ where
 /// `[Co, Ci*taps] x [Ci*taps, positions]`, then a strided copy into the output. Its column buffer
 /// is Ci*taps per position, against Co*K*K per input position of [`conv_transpose_cpu`], and
 /// there is no read-modify-write scatter: the faster path when Ci <= Co (the expander's 16x16
-/// upsampling, Ci 128 -> Co 640). Bound: a band's column buffer holds at most `COLS_BUDGET`
-/// elements (one position's Ci*taps at the least), the GEMM's output Co per band position.
+/// upsampling, Ci 128 -> Co 640). Bound: a band's column buffer holds at most `budget`
+/// elements (`COLS_BUDGET` outside the tests; one position's Ci*taps at the least), the GEMM's
+/// output Co per band position.
 pub(super) fn conv_transpose_phases_cpu<T>(
-    x: &[T],
-    xs: (usize, usize, usize, usize),
-    w: &[T],
-    ws: (usize, usize, usize, usize),
-    g: Geometry,
-) -> Result<(Vec<T>, Shape)>
-where
-    T: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + Default,
-{
-    phases_with_budget(x, xs, w, ws, g, COLS_BUDGET)
-}
-
-/// [`conv_transpose_phases_cpu`] with a column buffer of at most `budget` elements.
-fn phases_with_budget<T>(
     x: &[T],
     xs: (usize, usize, usize, usize),
     w: &[T],
@@ -380,23 +367,9 @@ impl Phases {
 /// that phase, then each phase's taps written to their places in dW. Its column buffers hold
 /// Ci*taps per position, against Co*K*K per input position for the weight gradient of the
 /// equivalent convolution of dy: the faster path where Ci <= Co. Bound: a band's column buffer
-/// holds at most `COLS_BUDGET` elements (one position's Ci*taps at the least), dy_r's band Co
-/// per position, and each phase's dW_r Co*Ci*taps (all of them together: dW's size).
+/// holds at most `budget` elements (`COLS_BUDGET` outside the tests; one position's Ci*taps at
+/// the least), dy_r's band Co per position, and each phase's dW_r Co*Ci*taps (all of them together: dW's size).
 pub(super) fn conv_transpose_weight_grad_cpu<T>(
-    x: &[T],
-    xs: (usize, usize, usize, usize),
-    dy: &[T],
-    ys: (usize, usize, usize, usize),
-    k: usize,
-    g: Geometry,
-) -> Result<Vec<T>>
-where
-    T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
-{
-    transposed_weight_grad_with_budget(x, xs, dy, ys, k, g, COLS_BUDGET)
-}
-
-fn transposed_weight_grad_with_budget<T>(
     x: &[T],
     xs: (usize, usize, usize, usize),
     dy: &[T],
@@ -618,24 +591,10 @@ unsafe fn gemm_into<T: 'static + candle_core::WithDType>(
 /// per band) or rows (each band's GEMM accumulates into all of y_b: K*OH*OW read and written per
 /// band). A transposed convolution's input gradient has C*kk*kk in the hundreds of thousands
 /// (640 x 16 x 16 in the expander), where position bands re-packed 84 MB of weights per band.
-/// Bound: a band's column buffer holds at most `COLS_BUDGET` elements (one position's or one
-/// row's worth at the least).
+/// `by_rows` forces one axis (`Some(true)`: rows, `Some(false)`: positions; the tests use it).
+/// Bound: a band's column buffer holds at most `budget` elements (`COLS_BUDGET` outside the
+/// tests; one position's or one row's worth at the least).
 pub(super) fn conv2d_cpu<T>(
-    x: &[T],
-    xs: (usize, usize, usize, usize),
-    w: &[T],
-    ws: (usize, usize, usize, usize),
-    g: Geometry,
-) -> Result<(Vec<T>, Shape)>
-where
-    T: candle_core::WithDType + Copy + Send + Sync + Default + 'static,
-{
-    conv2d_with_budget(x, xs, w, ws, g, COLS_BUDGET, None)
-}
-
-/// [`conv2d_cpu`] with a column buffer of at most `budget` elements, cut into bands of rows
-/// (`Some(true)`), of positions (`Some(false)`) or whichever costs less (`None`).
-fn conv2d_with_budget<T>(
     x: &[T],
     xs: (usize, usize, usize, usize),
     w: &[T],
@@ -668,14 +627,12 @@ where
     let by_rows =
         by_rows.unwrap_or(pos_bands > 1 && (row_bands - 1) * 2 * npos < (pos_bands - 1) * ckk);
     let mut y = scratch(b * k * npos);
-    let mut cols = vec![
-        T::default();
-        if by_rows {
-            row_band * npos
-        } else {
-            ckk * pos_band
-        }
-    ];
+    // Written by im2col before each GEMM reads it.
+    let mut cols = scratch(if by_rows {
+        row_band * npos
+    } else {
+        ckk * pos_band
+    });
     for bi in 0..b {
         let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
         let yb = &mut y[bi * k * npos..(bi + 1) * k * npos];
@@ -896,15 +853,15 @@ mod tests {
                 for (name, (got, shape)) in [
                     (
                         "phases",
-                        conv_transpose_phases_cpu(&x, xs, &w, ws, g).unwrap(),
+                        conv_transpose_phases_cpu(&x, xs, &w, ws, g, COLS_BUDGET).unwrap(),
                     ),
                     (
                         "phases/1",
-                        phases_with_budget(&x, xs, &w, ws, g, 1).unwrap(),
+                        conv_transpose_phases_cpu(&x, xs, &w, ws, g, 1).unwrap(),
                     ),
                     (
                         "phases/5",
-                        phases_with_budget(&x, xs, &w, ws, g, 5 * rows).unwrap(),
+                        conv_transpose_phases_cpu(&x, xs, &w, ws, g, 5 * rows).unwrap(),
                     ),
                     ("col2im", conv_transpose_cpu(&x, xs, &w, ws, g).unwrap()),
                 ] {
@@ -969,7 +926,7 @@ mod tests {
                 let (xs, ys) = ((b, ci, h, wd), (b, co, oh, ow));
                 for budget in [COLS_BUDGET, 1, 5 * ci * k * k] {
                     let got =
-                        transposed_weight_grad_with_budget(&x, xs, &dy, ys, k, g, budget).unwrap();
+                        conv_transpose_weight_grad_cpu(&x, xs, &dy, ys, k, g, budget).unwrap();
                     assert_eq!(
                         got, want,
                         "k{k} s{stride} p{padding} d{dilation} op{op:?} {h}x{wd} ci{ci} co{co} budget {budget}"
@@ -1024,8 +981,7 @@ mod tests {
             // One band; bands of 1, of 3 and of 7 rows or positions (ending mid-row).
             for budget in [usize::MAX >> 8, 1, 3 * npos.max(ckk), 7 * npos.min(ckk)] {
                 for by_rows in [Some(true), Some(false), None] {
-                    let (got, shape) =
-                        conv2d_with_budget(&x, xs, &w, ws, g, budget, by_rows).unwrap();
+                    let (got, shape) = conv2d_cpu(&x, xs, &w, ws, g, budget, by_rows).unwrap();
                     assert_eq!(shape.dims(), &[b, k, oh, ow]);
                     assert_eq!(
                         got, want,

@@ -15,7 +15,7 @@ use super::contiguous;
 mod cpu;
 use cpu::{
     conv2d_cpu, conv_transpose_cpu, conv_transpose_phases_cpu, conv_transpose_weight_grad_cpu,
-    weight_grad_cpu,
+    weight_grad_cpu, COLS_BUDGET,
 };
 
 /// Which CPU algorithm a transposed convolution of `ci` input and `co` output channels takes:
@@ -105,7 +105,7 @@ impl CustomOp2 for ConvTransposeOp {
         let (xs, ws) = (dims4(l1)?, dims4(l2)?);
         on_f32_or_f64!(self.name(), (s1, l1), (s2, l2), |x, w| {
             if by_phases(ws.0, ws.1) {
-                conv_transpose_phases_cpu(x, xs, w, ws, self.0)?
+                conv_transpose_phases_cpu(x, xs, w, ws, self.0, COLS_BUDGET)?
             } else {
                 conv_transpose_cpu(x, xs, w, ws, self.0)?
             }
@@ -212,7 +212,7 @@ impl CustomOp2 for TransposedFilterGradOp {
             candle_core::bail!("{}: {xs:?} and {ys:?} do not fit {:?}", self.name(), self.w);
         }
         on_f32_or_f64!(self.name(), (s1, l1), (s2, l2), |x, dy| {
-            let dw = conv_transpose_weight_grad_cpu(x, xs, dy, ys, k, self.g)?;
+            let dw = conv_transpose_weight_grad_cpu(x, xs, dy, ys, k, self.g, COLS_BUDGET)?;
             (dw, Shape::from(self.w.to_vec()))
         })
     }
@@ -367,7 +367,7 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (xs, ws) = (dims4(l1)?, dims4(l2)?);
         on_f32_or_f64!(self.name(), (s1, l1), (s2, l2), |x, w| {
-            conv2d_cpu(x, xs, w, ws, self.0)?
+            conv2d_cpu(x, xs, w, ws, self.0, COLS_BUDGET, None)?
         })
     }
 
