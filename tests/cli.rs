@@ -244,6 +244,45 @@ fn bench_prints_one_json_line_and_refuses_zero_steps() {
         }
         assert_eq!(v["forward_only"], extra.contains(&"--forward-only"));
         assert!(v["median_step_s"].as_f64().unwrap() > 0.0);
+        // The quickstart names no optimizer file: the reference's default for the VAE.
+        assert_eq!(v["optimizer"], "AdamW", "{line}");
+    }
+    // A configuration's optimizer file decides the benchmark's optimizer (the Phase 1 file:
+    // RMSprop); a missing one is an error naming the setting and the file.
+    let dir = tmpdir("bench-optimizer");
+    let quickstart = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.yaml"),
+    )
+    .unwrap();
+    let optim = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/optim-config-p1.json");
+    for (name, file, ok) in [
+        ("p1.yaml", optim.clone(), true),
+        ("missing.yaml", dir.join("no-such.json"), false),
+    ] {
+        let text = quickstart.replace(
+            "optim_sched_config: null",
+            &format!("optim_sched_config: {}", file.display()),
+        );
+        assert_ne!(text, quickstart, "the quickstart names optim_sched_config");
+        let cfg = dir.join(name);
+        std::fs::write(&cfg, text).unwrap();
+        let cfg = cfg.to_str().unwrap();
+        let mut args = small.to_vec();
+        args.splice(1..2, ["--config", cfg]);
+        args.push("--json");
+        let out = fluxflow(&args);
+        if ok {
+            assert!(out.status.success(), "{}", str_of(&out.stderr));
+            let v: serde_json::Value = serde_json::from_str(str_of(&out.stdout).trim()).unwrap();
+            assert_eq!(v["optimizer"], "RMSprop");
+        } else {
+            assert!(!out.status.success());
+            let err = str_of(&out.stderr);
+            assert!(
+                err.contains("optim_sched_config") && err.contains("no-such.json"),
+                "{err}"
+            );
+        }
     }
     let out = fluxflow(&["bench", "--quickstart", "--steps", "0"]);
     assert!(!out.status.success());

@@ -243,3 +243,24 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         b as f64 / median,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optim::OptimizerSpec;
+
+    #[test]
+    fn the_default_benchmark_trains_with_the_phase1_rmsprop() {
+        let spec = OptimFile::parse(PHASE1_OPTIM)
+            .unwrap()
+            .optimizer("vae", 1e-6)
+            .unwrap();
+        let OptimizerSpec::RmsProp(c) = spec else {
+            panic!("Phase 1's VAE optimizer is {}", spec.kind());
+        };
+        assert!(
+            c.centered && c.momentum == 0.9 && c.alpha == 0.95 && c.lr == 1e-5,
+            "{c:?}"
+        );
+    }
+}
