@@ -1,8 +1,10 @@
 //! 2-D convolution and transposed convolution as custom ops with their own backward passes.
 //!
-//! - CPU (`cpu`): the transposed convolution as `cols = W^T x` then a col2im scatter; the
-//!   forward convolution and the weight gradient as banded im2col + GEMM; the input gradient
-//!   through the transposed convolution. Every column buffer is bounded.
+//! - CPU (`cpu`): the transposed convolution per output phase (im2col + GEMM) where it has no
+//!   more input than output channels, else as `cols = W^T x` then a col2im scatter (whichever
+//!   column buffer is smaller; `by_phases`); its weight gradient per phase likewise; the forward
+//!   convolution and its weight gradient as im2col + GEMM in bands of positions or of rows; the
+//!   input gradient through the transposed convolution. Every column buffer is bounded.
 //! - CUDA (`cudnn` feature): every pass on cuDNN (`super::cudnn`): forward, input gradient
 //!   (backward-data, also the transposed convolution's forward) and weight gradient
 //!   (backward-filter); candle's naive CUDA kernels are never used.
