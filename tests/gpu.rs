@@ -3,7 +3,9 @@
 //! - the tiny16 forward fixtures on CUDA in float32 with TF32 off, within 1e-4 of the reference;
 //! - three training steps on CUDA within 1e-4 of the same steps on the CPU (float32);
 //! - the cuDNN convolutions (forward, input and weight gradients, transposed) against the CPU
-//!   ops: float32 within 1e-5, bfloat16 within 1e-2 (relative L2).
+//!   ops: float32 within 1e-5, bfloat16 within 1e-2 (relative L2);
+//! - the fused optimizer, EMA and gradient-norm kernels against the CPU loops (bit for bit; the
+//!   norm within 1e-12).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -475,4 +477,166 @@ fn fp16_training_with_loss_scaling_follows_f32_for_50_steps() {
     );
     let end = ((f32_loss[49] - fp16_loss[49]) / f32_loss[49]).abs();
     assert!(end < 0.02, "fp16 ends {end:e} away from f32 after 50 steps");
+}
+
+/// Bits of every element of an f32 or f64 tensor (copied to the CPU), NaN included.
+fn bits(t: &Tensor) -> Vec<u64> {
+    let t = t.flatten_all().unwrap().to_device(&Device::Cpu).unwrap();
+    match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.to_bits() as u64)
+            .collect(),
+        _ => t
+            .to_vec1::<f64>()
+            .unwrap()
+            .into_iter()
+            .map(f64::to_bits)
+            .collect(),
+    }
+}
+
+/// Three fused steps of `rule` on the CPU and on the GPU from the same parameter and gradients
+/// (with and without a clipping factor): both devices must take the fused path (one kernel per
+/// parameter on the GPU) and agree bit for bit, parameter and buffers, after every step.
+fn fused_update_on_gpu_is_the_cpus<R: fluxflow::train::optim::UpdateRule>(rule: &R, dtype: DType) {
+    use fluxflow::train::optim::Buffers;
+    let (cpu, dev) = (Device::Cpu, gpu());
+    // More elements than one block's grid-stride share; some gradients zero.
+    let n = 300_001;
+    let p0 = (Tensor::randn(0f32, 1.0, n, &cpu).unwrap() * 0.1)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    for scale in [None, Some(0.37)] {
+        let a = Var::from_tensor(&p0).unwrap();
+        let b = Var::from_tensor(&p0.to_device(&dev).unwrap()).unwrap();
+        let (mut ba, mut bb) = (Buffers::new(), Buffers::new());
+        for step in 1..=3u64 {
+            let g = Tensor::randn(0f32, 1.0, n, &cpu).unwrap();
+            let mask = Tensor::rand(0f32, 1.0, n, &cpu).unwrap().ge(0.1).unwrap();
+            let g = (g * mask.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let lr = 1e-3 * step as f64;
+            let on_cpu = rule.update_fused(lr, step, &a, &g, scale, &mut ba).unwrap();
+            let g_gpu = g.to_device(&dev).unwrap();
+            let on_gpu = rule
+                .update_fused(lr, step, &b, &g_gpu, scale, &mut bb)
+                .unwrap();
+            let what = format!("{:?} {dtype:?} scale {scale:?} step {step}", rule.to_spec());
+            assert!(
+                on_cpu && on_gpu,
+                "{what}: fused path cpu {on_cpu} gpu {on_gpu}"
+            );
+            assert!(
+                b.as_tensor().device().is_cuda(),
+                "{what}: parameter left the GPU"
+            );
+            assert_eq!(
+                bits(a.as_tensor()),
+                bits(b.as_tensor()),
+                "{what}: parameter"
+            );
+            assert_eq!(ba.keys().collect::<Vec<_>>(), bb.keys().collect::<Vec<_>>());
+            for (k, t) in &ba {
+                assert!(bb[k].device().is_cuda(), "{what}: buffer {k} left the GPU");
+                assert_eq!(bits(t), bits(&bb[k]), "{what}: buffer {k}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_optimizer_kernels_match_cpu_bit_for_bit() {
+    use fluxflow::train::optim::{AdamConfig, AdamWConfig, RmsPropConfig};
+    let rms = |momentum, centered, weight_decay| RmsPropConfig {
+        lr: 1e-3,
+        alpha: 0.95,
+        eps: 1e-8,
+        weight_decay,
+        momentum,
+        centered,
+    };
+    for dtype in [DType::F32, DType::F64] {
+        for (m, c, wd) in [
+            (0.9, true, 0.0),
+            (0.0, false, 0.0),
+            (0.9, false, 0.01),
+            (0.0, true, 0.01),
+        ] {
+            fused_update_on_gpu_is_the_cpus(&rms(m, c, wd), dtype);
+        }
+        // alpha 0.4: the lerp's weight 0.6 takes its other branch.
+        let other = RmsPropConfig {
+            alpha: 0.4,
+            ..rms(0.5, true, 0.0)
+        };
+        fused_update_on_gpu_is_the_cpus(&other, dtype);
+        for (betas, wd, amsgrad) in [
+            ((0.9, 0.999), 0.0, false),
+            ((0.9, 0.95), 0.01, true),
+            ((0.3, 0.9), 0.1, false),
+        ] {
+            let (lr, eps) = (1e-3, 1e-8);
+            let adam = AdamConfig {
+                lr,
+                betas,
+                eps,
+                weight_decay: wd,
+                amsgrad,
+            };
+            fused_update_on_gpu_is_the_cpus(&adam, dtype);
+            let adamw = AdamWConfig {
+                lr,
+                betas,
+                eps,
+                weight_decay: wd,
+                amsgrad,
+            };
+            fused_update_on_gpu_is_the_cpus(&adamw, dtype);
+        }
+    }
+}
+
+#[test]
+fn fused_ema_and_gradient_norm_kernels_match_cpu() {
+    use fluxflow::train::optim::fused::{ema, sum_squares};
+    let (cpu, dev) = (Device::Cpu, gpu());
+    for dtype in [DType::F32, DType::F64] {
+        let t = |n: usize| {
+            Tensor::randn(0f32, 1.0, n, &cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (s, p) = (t(300_001), t(300_001));
+        let want = ema(&s, &p, 0.999).unwrap().unwrap();
+        let (sg, pg) = (s.to_device(&dev).unwrap(), p.to_device(&dev).unwrap());
+        let got = ema(&sg, &pg, 0.999).unwrap().expect("the CUDA EMA kernel");
+        assert!(got.device().is_cuda());
+        assert_eq!(bits(&want), bits(&got), "EMA {dtype:?}");
+        // The norm over tensors of several sizes (one of them empty).
+        let ts = [t(5), t(0), t(1 << 20), t(300_001)];
+        let refs: Vec<&Tensor> = ts.iter().collect();
+        let want = sum_squares(&refs)
+            .unwrap()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let on_gpu: Vec<Tensor> = ts.iter().map(|x| x.to_device(&dev).unwrap()).collect();
+        let refs: Vec<&Tensor> = on_gpu.iter().collect();
+        let got = sum_squares(&refs)
+            .unwrap()
+            .expect("the CUDA sum of squares");
+        assert!(got.device().is_cuda());
+        let got = got.to_device(&cpu).unwrap().to_scalar::<f64>().unwrap();
+        assert!(
+            ((got - want) / want).abs() < 1e-12,
+            "sum of squares {dtype:?}: GPU {got} CPU {want}"
+        );
+    }
 }

@@ -9,14 +9,14 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
-mod ptx {
+pub(crate) mod ptx {
     include!(concat!(env!("OUT_DIR"), "/fluxflow_ptx.rs"));
 }
 
 const MODULE: &str = "fluxflow_fused";
 
 /// A grid-stride launch over `n` elements.
-fn launch_cfg(n: usize) -> LaunchConfig {
+pub(crate) fn launch_cfg(n: usize) -> LaunchConfig {
     const THREADS: u32 = 256;
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 8) as u32;
     LaunchConfig {

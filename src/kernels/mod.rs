@@ -6,7 +6,7 @@
 pub mod bezier;
 pub mod conv;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
 pub mod group_norm;

@@ -32,7 +32,7 @@ impl Ema {
         let keep = 1.0 - self.decay;
         for ((_, var), s) in self.params.iter().zip(self.shadow.iter_mut()) {
             let p = var.as_tensor().detach();
-            *s = match crate::train::optim::fused::ema_cpu(s, &p, self.decay)? {
+            *s = match crate::train::optim::fused::ema(s, &p, self.decay)? {
                 Some(t) => t,
                 None => ((&*s * self.decay)? + (p * keep)?)?.detach(),
             };

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::adaptive::AdaptiveWeights;
 use super::ema::Ema;
 use super::loss::{frequency_weighted_l1, kl_beta, kl_standard_normal, mse};
-use super::optim::fused::sum_squares_cpu;
+use super::optim::fused::sum_squares;
 use super::optim::{Optimizer, OptimizerState};
 use super::precision::{LossScaler, MixedPrecision};
 use super::schedule::Scheduler;
@@ -369,20 +369,22 @@ impl VaeTrainer {
     ) -> Result<StepScalars> {
         let f64s =
             |t: &Tensor| -> candle_core::Result<Tensor> { t.to_dtype(DType::F64)?.reshape(()) };
-        let squares = self
+        let grads: Vec<&Tensor> = self
             .params
             .iter()
             .filter_map(|(_, v)| grads.get(v.as_tensor()))
-            .map(|g| match sum_squares_cpu(g) {
-                // One pass, accumulated in f64, on the CPU.
-                Some(s) => Tensor::new(s, g.device()),
-                None => g.sqr()?.sum_all()?.to_dtype(DType::F64),
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = if squares.is_empty() {
-            Tensor::new(0f64, images.device())?
-        } else {
-            Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?
+            .collect();
+        // One pass per gradient, accumulated in f64 (one kernel each on CUDA).
+        let norm = match sum_squares(&grads)? {
+            Some(s) => s.sqrt()?,
+            None if grads.is_empty() => Tensor::new(0f64, images.device())?,
+            None => {
+                let squares = grads
+                    .iter()
+                    .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?
+            }
         };
         let all = [
             f64s(&images.abs()?.max_all()?)?,

@@ -141,46 +141,93 @@ impl AdamRule {
     }
 }
 
+/// Adam's and AdamW's per-element constants for one step (in f64; each kernel converts them to
+/// its element type): what the CPU closure and the CUDA kernel (`optim_adam_*` in
+/// `src/kernels/cuda/optim.cu`, which declares the same layout) both compute from.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamArgs {
+    /// The parameter's factor `1 - lr * weight_decay` (decoupled) or the gradient's L2 term's
+    /// `weight_decay`.
+    pub decay: f64,
+    /// The lerp weight of `exp_avg` (1 - beta1) and one minus it.
+    pub wt: f64,
+    pub one_minus_wt: f64,
+    pub beta2: f64,
+    pub one_minus_beta2: f64,
+    /// 1 / sqrt(1 - beta2^step).
+    pub inv_bc2: f64,
+    pub eps: f64,
+    /// -lr / (1 - beta1^step).
+    pub neg_step: f64,
+    /// [`AdamArgs::DECAY`] | [`AdamArgs::DECOUPLED`] | [`AdamArgs::LERP_SMALL`] |
+    /// [`AdamArgs::AMSGRAD`].
+    pub flags: u32,
+    pub pad: u32,
+}
+
+impl AdamArgs {
+    pub const DECAY: u32 = 1;
+    pub const DECOUPLED: u32 = 2;
+    /// The lerp's weight is below 0.5 in magnitude (which of its two forms it takes).
+    pub const LERP_SMALL: u32 = 4;
+    pub const AMSGRAD: u32 = 8;
+
+    fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
 impl AdamRule {
-    /// `update` for one element: (param, grad, [exp_avg, exp_avg_sq, max_exp_avg_sq?]) -> new
-    /// param, the buffers updated in place; the same operations in the same order.
-    fn kernel<T: Elem>(
-        &self,
-        lr: f64,
-        step: u64,
-    ) -> impl Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync {
-        let c = |v: f64| T::from_f64(v);
-        let zero = T::zero();
+    /// The per-element constants of step `step` at learning rate `lr`.
+    fn args(&self, lr: f64, step: u64) -> AdamArgs {
         let (beta1, beta2) = self.betas;
-        let decay = (self.weight_decay != 0.0).then(|| {
-            if self.decoupled {
-                c(1.0 - lr * self.weight_decay)
-            } else {
-                c(self.weight_decay)
-            }
-        });
-        let decoupled = self.decoupled;
         let w = 1.0 - beta1;
-        let (wt, one_minus_wt) = (c(w), c(1.0 - w));
-        let (beta2_t, one_minus_beta2) = (c(beta2), c(1.0 - beta2));
         let step = step as f64;
         let step_size = lr / (1.0 - beta1.powf(step));
         let bias_correction2_sqrt = (1.0 - beta2.powf(step)).powf(0.5);
-        let (inv_bc2, one, eps, neg_step) = (
-            c(1.0 / bias_correction2_sqrt),
-            c(1.0),
-            c(self.eps),
-            c(-step_size),
-        );
-        let amsgrad = self.amsgrad;
+        let flag = |on: bool, f: u32| if on { f } else { 0 };
+        AdamArgs {
+            decay: if self.decoupled {
+                1.0 - lr * self.weight_decay
+            } else {
+                self.weight_decay
+            },
+            wt: w,
+            one_minus_wt: 1.0 - w,
+            beta2,
+            one_minus_beta2: 1.0 - beta2,
+            inv_bc2: 1.0 / bias_correction2_sqrt,
+            eps: self.eps,
+            neg_step: -step_size,
+            flags: flag(self.weight_decay != 0.0, AdamArgs::DECAY)
+                | flag(self.decoupled, AdamArgs::DECOUPLED)
+                | flag(w.abs() < 0.5, AdamArgs::LERP_SMALL)
+                | flag(self.amsgrad, AdamArgs::AMSGRAD),
+            pad: 0,
+        }
+    }
+
+    /// `update` for one element: (param, grad, [exp_avg, exp_avg_sq, max_exp_avg_sq?]) -> new
+    /// param, the buffers updated in place; the same operations in the same order.
+    fn kernel<T: Elem>(a: AdamArgs) -> impl Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync {
+        let c = |v: f64| T::from_f64(v);
+        let zero = T::zero();
+        let decay = a.has(AdamArgs::DECAY).then(|| c(a.decay));
+        let decoupled = a.has(AdamArgs::DECOUPLED);
+        let small = a.has(AdamArgs::LERP_SMALL);
+        let (wt, one_minus_wt) = (c(a.wt), c(a.one_minus_wt));
+        let (beta2, one_minus_beta2) = (c(a.beta2), c(a.one_minus_beta2));
+        let (inv_bc2, one, eps, neg_step) = (c(a.inv_bc2), c(1.0), c(a.eps), c(a.neg_step));
+        let amsgrad = a.has(AdamArgs::AMSGRAD);
         move |p: T, g: T, b: &mut [T; MAX_BUFFERS]| {
             let (p, g) = match decay {
                 Some(d) if decoupled => (affine(p, d, zero), g),
                 Some(d) => (p, g + affine(p, d, zero)),
                 None => (p, g),
             };
-            b[0] = fused::lerp(b[0], g, w, wt, one_minus_wt);
-            b[1] = affine(b[1], beta2_t, zero) + affine(g, one_minus_beta2, zero) * g;
+            b[0] = fused::lerp(b[0], g, small, wt, one_minus_wt);
+            b[1] = affine(b[1], beta2, zero) + affine(g, one_minus_beta2, zero) * g;
             let second = if amsgrad {
                 // candle's maximum: if a < b { b } else { a }
                 if b[2] < b[1] {
@@ -256,14 +303,16 @@ macro_rules! impl_adam_rule {
                 buffers: &mut Buffers,
             ) -> candle_core::Result<bool> {
                 let rule = self.rule();
+                let args = rule.args(lr, step);
                 fused::update(
                     var,
                     grad,
                     scale,
                     &rule.buffer_names(),
                     buffers,
-                    rule.kernel::<f32>(lr, step),
-                    rule.kernel::<f64>(lr, step),
+                    fused::Rule::Adam(args),
+                    AdamRule::kernel::<f32>(args),
+                    AdamRule::kernel::<f64>(args),
                 )
             }
 

@@ -11,13 +11,27 @@
 //! tensor expressions (`affine(m, a)` is `v * m + a` with `m`, `a` converted to the element type),
 //! so the results are bit-identical to them; the tests in `super::tests` check that for every
 //! rule and variant.
+//!
+//! On CUDA (the `cuda` feature) the same passes are one kernel launch per parameter tensor
+//! (`super::fused_cuda`, `src/kernels/cuda/optim.cu`) where the tensor expressions launch about
+//! fifteen; the kernels round every operation on its own as the CPU does, so they agree with the
+//! CPU loops bit for bit (`tests/gpu.rs` checks it on a GPU).
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
 use crate::kernels::SendPtr;
 
-use super::Buffers;
+use super::{AdamArgs, Buffers, RmsPropArgs};
+
+/// The rule a fused update runs, with its constants for the step: what the CUDA kernels take
+/// (on the CPU, the rule's closures are built from the same constants).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    RmsProp(RmsPropArgs),
+    /// Adam and AdamW (`AdamArgs::DECOUPLED`).
+    Adam(AdamArgs),
+}
 
 /// Elements per parallel work item.
 const CHUNK: usize = 1 << 14;
@@ -71,12 +85,13 @@ pub(super) fn affine<T: Elem>(v: T, m: T, a: T) -> T {
     v * m + a
 }
 
-/// `torch.lerp(start, end, w)` as `common::lerp` composes it, with `w` and `1 - w` converted.
+/// `torch.lerp(start, end, w)` as `common::lerp` composes it, with `w` and `1 - w` converted;
+/// `small`: |w| < 0.5.
 #[inline(always)]
-pub(super) fn lerp<T: Elem>(start: T, end: T, w: f64, wt: T, one_minus_wt: T) -> T {
+pub(super) fn lerp<T: Elem>(start: T, end: T, small: bool, wt: T, one_minus_wt: T) -> T {
     let zero = T::zero();
     let diff = end - start;
-    if w.abs() < 0.5 {
+    if small {
         start + affine(diff, wt, zero)
     } else {
         end - affine(diff, one_minus_wt, zero)
@@ -156,14 +171,19 @@ impl<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync> InplaceOp1 for Upd
 /// buffers `names` (absent ones start at zero), with `f(param, grad, buffers) -> new param`
 /// updating the buffers in place; the buffers' new values replace them in `buffers`.
 ///
-/// Returns `Ok(false)` without touching anything when a tensor is not a contiguous CPU tensor of
-/// the parameter's dtype (f32 or f64): the caller then runs the tensor expressions.
+/// On CUDA, `rule` is what the kernel runs (the closures are the CPU's form of it).
+///
+/// Returns `Ok(false)` without touching anything when a tensor is not a contiguous tensor of the
+/// parameter's dtype (f32 or f64) on the parameter's device (the CPU, or CUDA with the `cuda`
+/// feature): the caller then runs the tensor expressions.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn update<F32, F64>(
     var: &Var,
     grad: &Tensor,
     scale: Option<f64>,
     names: &[&'static str],
     buffers: &mut Buffers,
+    rule: Rule,
     f32_rule: F32,
     f64_rule: F64,
 ) -> candle_core::Result<bool>
@@ -171,6 +191,11 @@ where
     F32: Fn(f32, f32, &mut [f32; MAX_BUFFERS]) -> f32 + Sync,
     F64: Fn(f64, f64, &mut [f64; MAX_BUFFERS]) -> f64 + Sync,
 {
+    if var.device().is_cuda() {
+        #[cfg(feature = "cuda")]
+        return super::fused_cuda::update(var, grad, scale, names, buffers, rule);
+    }
+    let _ = rule;
     match var.dtype() {
         DType::F32 => update_as::<f32, _>(var, grad, scale, names, buffers, f32_rule),
         DType::F64 => update_as::<f64, _>(var, grad, scale, names, buffers, f64_rule),
@@ -242,8 +267,13 @@ fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
 }
 
 /// `shadow * decay + param * (1 - decay)` as `Ema::update` composes it, in one pass into a new
-/// tensor, or `None` when the tensors are not contiguous CPU tensors of one dtype (f32, f64).
-pub fn ema_cpu(shadow: &Tensor, param: &Tensor, decay: f64) -> candle_core::Result<Option<Tensor>> {
+/// tensor (one kernel on CUDA), or `None` when the tensors are not contiguous tensors of one
+/// dtype (f32, f64) on one device.
+pub fn ema(shadow: &Tensor, param: &Tensor, decay: f64) -> candle_core::Result<Option<Tensor>> {
+    if shadow.device().is_cuda() {
+        #[cfg(feature = "cuda")]
+        return super::fused_cuda::ema(shadow, param, decay);
+    }
     match shadow.dtype() {
         DType::F32 => ema_as::<f32>(shadow, param, decay),
         DType::F64 => ema_as::<f64>(shadow, param, decay),
@@ -286,10 +316,33 @@ fn ema_as<T: Elem>(
     Ok(Some(Tensor::from_vec(out, shadow.shape(), &Device::Cpu)?))
 }
 
+/// The sum of the squares of all the tensors' elements as a scalar f64 tensor on their device,
+/// accumulated in f64: on the CPU each tensor in fixed chunks summed in order (the same result
+/// for any thread count), on CUDA one kernel per tensor into one accumulator. `None` when a
+/// tensor is not a contiguous f32/f64 tensor on the first one's device (or there are none).
+pub fn sum_squares(ts: &[&Tensor]) -> candle_core::Result<Option<Tensor>> {
+    let Some(first) = ts.first() else {
+        return Ok(None);
+    };
+    if !ts.iter().all(|t| t.device().same_device(first.device())) {
+        return Ok(None);
+    }
+    if first.device().is_cuda() {
+        #[cfg(feature = "cuda")]
+        return super::fused_cuda::sum_squares(ts);
+        #[cfg(not(feature = "cuda"))]
+        return Ok(None);
+    }
+    let parts: Option<Vec<f64>> = ts.iter().map(|t| sum_squares_cpu(t)).collect();
+    parts
+        .map(|p| Tensor::new(p.iter().sum::<f64>(), &Device::Cpu))
+        .transpose()
+}
+
 /// The sum of squares of a CPU tensor's elements, accumulated in f64 over fixed chunks summed
 /// in order (the same result for any thread count), or `None` when it is not a contiguous CPU
 /// f32/f64 tensor.
-pub fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
+fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
     fn as_t<T: Elem>(t: &Tensor) -> Option<f64> {
         if !fusable(t, t.dtype()) {
             return None;
@@ -485,23 +538,31 @@ mod tests {
                 .to_dtype(dtype)
                 .unwrap();
             let want = ((&s * 0.999).unwrap() + (&p * (1.0 - 0.999)).unwrap()).unwrap();
-            let got = super::ema_cpu(&s, &p, 0.999).unwrap().unwrap();
+            let got = super::ema(&s, &p, 0.999).unwrap().unwrap();
             assert_eq!(bits(&want), bits(&got), "{dtype:?}");
-            let exact: f64 = p
-                .to_dtype(DType::F64)
+            let squares = |t: &Tensor| -> f64 {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v * v)
+                    .sum()
+            };
+            let exact = squares(&s) + squares(&p);
+            let fused = super::sum_squares(&[&s, &p])
                 .unwrap()
-                .to_vec1::<f64>()
                 .unwrap()
-                .iter()
-                .map(|v| v * v)
-                .sum();
-            let fused = super::sum_squares_cpu(&p).unwrap();
+                .to_scalar::<f64>()
+                .unwrap();
             assert!(
                 (fused - exact).abs() <= 1e-12 * exact,
                 "{dtype:?}: {fused} vs {exact}"
             );
         }
         let t = Tensor::ones((3, 4), DType::F32, &dev).unwrap().t().unwrap();
-        assert!(super::sum_squares_cpu(&t).is_none());
+        let ones = Tensor::ones(4, DType::F32, &dev).unwrap();
+        assert!(super::sum_squares(&[&ones, &t]).unwrap().is_none());
+        assert!(super::sum_squares(&[]).unwrap().is_none());
     }
 }

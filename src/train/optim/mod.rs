@@ -11,6 +11,8 @@ mod adam;
 mod common;
 pub mod exact_f64;
 pub mod fused;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 mod lion;
 mod rmsprop;
 mod sgd;
@@ -21,9 +23,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-pub use adam::{AdamConfig, AdamWConfig};
+pub use adam::{AdamArgs, AdamConfig, AdamWConfig};
 pub use lion::LionConfig;
-pub use rmsprop::RmsPropConfig;
+pub use rmsprop::{RmsPropArgs, RmsPropConfig};
 pub use sgd::SgdConfig;
 
 /// Errors of optimizer construction, stepping and state restore; each names the model.

@@ -83,14 +83,16 @@ impl UpdateRule for RmsPropConfig {
         scale: Option<f64>,
         buffers: &mut Buffers,
     ) -> candle_core::Result<bool> {
+        let args = self.args(lr);
         fused::update(
             var,
             grad,
             scale,
             &self.buffer_names(),
             buffers,
-            self.kernel::<f32>(lr),
-            self.kernel::<f64>(lr),
+            fused::Rule::RmsProp(args),
+            Self::kernel::<f32>(args),
+            Self::kernel::<f64>(args),
         )
     }
 
@@ -132,19 +134,75 @@ impl UpdateRule for RmsPropConfig {
     }
 }
 
+/// RMSprop's per-element constants for one step (in f64; each kernel converts them to its element
+/// type): what the CPU closure and the CUDA kernel (`optim_rmsprop_*` in
+/// `src/kernels/cuda/optim.cu`, which declares the same layout) both compute from.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RmsPropArgs {
+    pub alpha: f64,
+    pub one_minus_alpha: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    /// The lerp weight of `grad_avg` (1 - alpha) and one minus it.
+    pub wt: f64,
+    pub one_minus_wt: f64,
+    pub eps: f64,
+    pub neg_lr: f64,
+    /// [`RmsPropArgs::WEIGHT_DECAY`] | [`RmsPropArgs::MOMENTUM`] | [`RmsPropArgs::CENTERED`] |
+    /// [`RmsPropArgs::LERP_SMALL`].
+    pub flags: u32,
+    pub pad: u32,
+}
+
+impl RmsPropArgs {
+    pub const WEIGHT_DECAY: u32 = 1;
+    pub const MOMENTUM: u32 = 2;
+    pub const CENTERED: u32 = 4;
+    /// The lerp's weight is below 0.5 in magnitude (which of its two forms it takes).
+    pub const LERP_SMALL: u32 = 8;
+
+    fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
 impl RmsPropConfig {
+    /// The per-element constants of a step at learning rate `lr`.
+    pub(super) fn args(&self, lr: f64) -> RmsPropArgs {
+        let w = 1.0 - self.alpha;
+        let flag = |on: bool, f: u32| if on { f } else { 0 };
+        RmsPropArgs {
+            alpha: self.alpha,
+            one_minus_alpha: 1.0 - self.alpha,
+            weight_decay: self.weight_decay,
+            momentum: self.momentum,
+            wt: w,
+            one_minus_wt: 1.0 - w,
+            eps: self.eps,
+            neg_lr: -lr,
+            flags: flag(self.weight_decay != 0.0, RmsPropArgs::WEIGHT_DECAY)
+                | flag(self.momentum > 0.0, RmsPropArgs::MOMENTUM)
+                | flag(self.centered, RmsPropArgs::CENTERED)
+                | flag(w.abs() < 0.5, RmsPropArgs::LERP_SMALL),
+            pad: 0,
+        }
+    }
+
     /// `update` for one element: (param, grad, [square_avg, momentum_buffer?, grad_avg?]) ->
     /// new param, the buffers updated in place; the same operations in the same order.
-    fn kernel<T: Elem>(&self, lr: f64) -> impl Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync {
+    fn kernel<T: Elem>(a: RmsPropArgs) -> impl Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync {
         let c = |v: f64| T::from_f64(v);
         let zero = T::zero();
-        let (alpha, one_minus_alpha) = (c(self.alpha), c(1.0 - self.alpha));
-        let weight_decay = (self.weight_decay != 0.0).then(|| c(self.weight_decay));
-        let momentum = (self.momentum > 0.0).then(|| (1, c(self.momentum)));
-        let grad_avg = self.centered.then(|| 1 + usize::from(momentum.is_some()));
-        let w = 1.0 - self.alpha;
-        let (wt, one_minus_wt) = (c(w), c(1.0 - w));
-        let (one, eps, neg_lr) = (c(1.0), c(self.eps), c(-lr));
+        let (alpha, one_minus_alpha) = (c(a.alpha), c(a.one_minus_alpha));
+        let weight_decay = a.has(RmsPropArgs::WEIGHT_DECAY).then(|| c(a.weight_decay));
+        let momentum = a.has(RmsPropArgs::MOMENTUM).then(|| (1, c(a.momentum)));
+        let grad_avg = a
+            .has(RmsPropArgs::CENTERED)
+            .then(|| 1 + usize::from(momentum.is_some()));
+        let small = a.has(RmsPropArgs::LERP_SMALL);
+        let (wt, one_minus_wt) = (c(a.wt), c(a.one_minus_wt));
+        let (one, eps, neg_lr) = (c(1.0), c(a.eps), c(a.neg_lr));
         move |p: T, g: T, b: &mut [T; MAX_BUFFERS]| {
             let g = match weight_decay {
                 Some(wd) => g + affine(p, wd, zero),
@@ -153,7 +211,7 @@ impl RmsPropConfig {
             b[0] = affine(b[0], alpha, zero) + affine(g, one_minus_alpha, zero) * g;
             let avg = match grad_avg {
                 Some(k) => {
-                    b[k] = fused::lerp(b[k], g, w, wt, one_minus_wt);
+                    b[k] = fused::lerp(b[k], g, small, wt, one_minus_wt);
                     (b[0] - b[k] * b[k]).sqrt()
                 }
                 None => b[0].sqrt(),
