@@ -325,45 +325,14 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     in_f32(x, |x| candle_nn::ops::softmax(x, D::Minus1))
 }
 
-/// Score-matrix elements one chunk of queries may hold without gradients (2^24: 64 MB in f32).
+/// Score-matrix elements one chunk of queries may hold (2^24: 64 MB in f32).
 const ATTENTION_BUDGET: usize = 1 << 24;
 
-/// softmax(q k^T * scale) v for [B, H, S, Dh] inputs.
-///
-/// Without gradients to track (reconstruction, samples) the queries go in chunks whose score
-/// matrices hold at most [`ATTENTION_BUDGET`] elements, so memory grows linearly with the
-/// tokens; each query row still sees every key, so the result is the same. In training the
-/// whole matrix is formed (bounded per block by gradient checkpointing).
+/// softmax(q k^T * scale) v for [B, H, S, Dh] inputs, in chunks of queries whose score matrices
+/// hold at most [`ATTENTION_BUDGET`] elements, with or without gradients: memory grows linearly
+/// with the tokens (`kernels::attention`; the backward pass recomputes each chunk's scores).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    attention_in_chunks(q, k, v, scale, ATTENTION_BUDGET)
-}
-
-/// [`attention`] with chunks of at most `budget` score elements when untracked.
-fn attention_in_chunks(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    budget: usize,
-) -> Result<Tensor> {
-    let (b, h, sq, _) = q.dims4()?;
-    let sk = k.dim(2)?;
-    let kt = k.t()?.contiguous()?;
-    let v = v.contiguous()?;
-    let full = |q: &Tensor| -> Result<Tensor> {
-        let scores = (q.contiguous()?.matmul(&kt)? * scale)?;
-        softmax_last(&scores)?.matmul(&v)
-    };
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    let chunk = (budget / (b * h * sk).max(1)).max(1);
-    if tracked || sq <= chunk {
-        return full(q);
-    }
-    let parts = (0..sq)
-        .step_by(chunk)
-        .map(|s0| full(&q.narrow(2, s0, chunk.min(sq - s0))?))
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&parts, 2)
+    crate::kernels::attention::attention(q, k, v, scale, ATTENTION_BUDGET)
 }
 
 /// [B, S, H*Dh] -> [B, H, S, Dh]
@@ -507,31 +476,6 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(g, vec![5.0; 4]);
-    }
-
-    #[test]
-    fn chunked_attention_without_gradients_equals_the_whole_matrix() {
-        let dev = Device::Cpu;
-        // 2 x 2 x 50 queries against 40 keys under a budget of 1000 scores: chunks of 6
-        // queries, the last one shorter.
-        let q = Tensor::randn(0f64, 1.0, (2, 2, 50, 4), &dev).unwrap();
-        let k = Tensor::randn(0f64, 1.0, (2, 2, 40, 4), &dev).unwrap();
-        let v = Tensor::randn(0f64, 1.0, (2, 2, 40, 4), &dev).unwrap();
-        let chunked = attention_in_chunks(&q, &k, &v, 0.5, 1000).unwrap();
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() * 0.5).unwrap();
-        let whole = candle_nn::ops::softmax(&scores, D::Minus1)
-            .unwrap()
-            .matmul(&v)
-            .unwrap();
-        let d: f64 = (&chunked - &whole)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(d < 1e-12, "chunked attention differs by {d:e}");
     }
 
     #[test]

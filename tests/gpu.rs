@@ -438,6 +438,32 @@ fn fused_softmax_kernel_matches_cpu() {
 }
 
 #[test]
+fn chunked_attention_matches_cpu() {
+    use fluxflow::kernels::attention::attention;
+    let cpu = Device::Cpu;
+    // Budgets of one chunk, of several with a short last one, and of one query per chunk.
+    for (q, kv, budget) in [
+        (
+            (2usize, 8usize, 256usize, 16usize),
+            (2usize, 8usize, 256usize, 16usize),
+            1usize << 24,
+        ),
+        ((2, 8, 300, 16), (2, 8, 256, 16), 2 * 8 * 256 * 7),
+        ((1, 2, 9, 8), (1, 2, 5, 8), 1),
+    ] {
+        let x = |d| Tensor::randn(0f32, 1.0, d, &cpu).unwrap();
+        let (tq, tk, tv) = (x(q), x(kv), x(kv));
+        let f = move |t: &[Tensor]| attention(&t[0], &t[1], &t[2], 0.25, budget).unwrap();
+        check_against_cpu(
+            &format!("attention {q:?}/{kv:?}/{budget}"),
+            &f,
+            &[&tq, &tk, &tv],
+            false,
+        );
+    }
+}
+
+#[test]
 fn fused_group_norm_kernel_matches_cpu() {
     use fluxflow::kernels::group_norm::group_norm;
     let cpu = Device::Cpu;

@@ -3,6 +3,7 @@
 //! matrix products (per output phase, or with a col2im scatter). On CUDA (`cudnn` feature) every convolution pass runs
 //! on cuDNN (`cudnn`), never on candle's naive kernels.
 
+pub mod attention;
 pub mod bezier;
 pub mod conv;
 #[cfg(feature = "cuda")]
