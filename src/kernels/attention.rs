@@ -15,8 +15,9 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
+use super::softmax::softmax_backward;
 use crate::nn::softmax_last;
 
 /// Queries per chunk for `rows` score elements per query (B x H x Sk) under `budget`.
@@ -75,8 +76,7 @@ struct AttentionOp {
 }
 
 impl AttentionOp {
-    /// The precomputed output's storage: a fresh contiguous tensor (a matrix product's or a
-    /// concatenation's result), so its storage holds exactly its elements.
+    /// The precomputed output (taken: the op keeps no copy) and its shape.
     fn take_output(&self) -> Result<(Tensor, Shape)> {
         let y = self
             .y
@@ -89,7 +89,9 @@ impl AttentionOp {
     }
 }
 
-/// `y`'s storage, checked to be exactly `y`'s elements.
+/// Checks that the precomputed output's storage holds exactly its elements, as a fresh
+/// contiguous tensor (a matrix product's or a concatenation's result) does: the forward pass
+/// hands over a clone of that whole storage.
 fn fresh_layout_ok(l: &Layout) -> Result<()> {
     if l.start_offset() != 0 || !l.is_contiguous() {
         candle_core::bail!("attention: the precomputed output is not a fresh contiguous tensor");
@@ -150,18 +152,9 @@ impl CustomOp3 for AttentionOp {
         let (q, k, v, dy) = (q.detach(), k.detach(), v.detach(), dy.detach());
         let (b, h, sq, _) = q.dims4()?;
         let sk = k.dim(2)?;
-        let dtype = q.dtype();
         let kt = k.t()?.contiguous()?;
         let vt = v.t()?.contiguous()?;
         let k = k.contiguous()?;
-        // The softmax's backward pass as `kernels::softmax` computes it: in float32 for 16-bit
-        // types.
-        let wide = |t: &Tensor| -> Result<Tensor> {
-            match dtype {
-                DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
-                _ => Ok(t.clone()),
-            }
-        };
         let chunk = chunk_len(b * h * sk, self.budget);
         let mut dq = Vec::with_capacity(sq.div_ceil(chunk));
         let (mut dk, mut dv): (Option<Tensor>, Option<Tensor>) = (None, None);
@@ -170,11 +163,7 @@ impl CustomOp3 for AttentionOp {
             let qc = q.narrow(2, s0, c)?.contiguous()?;
             let dyc = dy.narrow(2, s0, c)?.contiguous()?;
             let p = softmax_last(&(qc.matmul(&kt)? * self.scale)?)?;
-            let dp = dyc.matmul(&vt)?;
-            let (pw, dpw) = (wide(&p)?, wide(&dp)?);
-            let dot = (&dpw * &pw)?.sum_keepdim(D::Minus1)?;
-            let ds = pw.mul(&dpw.broadcast_sub(&dot)?)?.to_dtype(dtype)?;
-            let ds = (ds * self.scale)?;
+            let ds = (softmax_backward(&p, &dyc.matmul(&vt)?)? * self.scale)?;
             dq.push(ds.matmul(&k)?);
             let dkc = ds.t()?.matmul(&qc)?;
             let dvc = p.t()?.matmul(&dyc)?;
@@ -200,7 +189,7 @@ impl CustomOp3 for AttentionOp {
 mod tests {
     use super::*;
     use crate::kernels::{check_finite_differences, rel_l2};
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     /// The composition candle's autograd differentiates: the whole score matrix.
     fn whole(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {

@@ -80,18 +80,23 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dtype = res.dtype();
-        let wide = |t: &Tensor| -> Result<Tensor> {
-            match dtype {
-                DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
-                _ => Ok(t.clone()),
-            }
-        };
-        let (y, dy) = (wide(&res.detach())?, wide(grad)?);
-        let dot = (&dy * &y)?.sum_keepdim(D::Minus1)?;
-        let dx = y.mul(&dy.broadcast_sub(&dot)?)?;
-        Ok(Some(dx.to_dtype(dtype)?))
+        Ok(Some(softmax_backward(&res.detach(), grad)?))
     }
+}
+
+/// The gradient of softmax over the last axis from its output `y` and the output's gradient
+/// `dy`: y * (dy - sum(dy * y)), in float32 for 16-bit types, returned in `y`'s dtype.
+pub(crate) fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dtype = y.dtype();
+    let wide = |t: &Tensor| -> Result<Tensor> {
+        match dtype {
+            DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
+            _ => Ok(t.clone()),
+        }
+    };
+    let (y, dy) = (wide(y)?, wide(dy)?);
+    let dot = (&dy * &y)?.sum_keepdim(D::Minus1)?;
+    y.mul(&dy.broadcast_sub(&dot)?)?.to_dtype(dtype)
 }
 
 /// Whether the fused softmax handles `x`.
