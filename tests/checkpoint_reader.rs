@@ -3,47 +3,24 @@
 //! (measured with a counting allocator; this binary holds a single test so that nothing else
 //! allocates meanwhile).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+#[path = "common/alloc_count.rs"]
+mod alloc_count;
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
 use fluxflow::checkpoint::read_tensors;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-            PEAK.fetch_max(now, Ordering::SeqCst);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::SeqCst);
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: alloc_count::Counting = alloc_count::Counting;
 
 /// Reads `path`, returning whether it parsed and the most memory allocated meanwhile beyond
 /// what was allocated before.
 fn read_measured(path: &Path) -> (bool, usize) {
-    let base = CURRENT.load(Ordering::SeqCst);
-    PEAK.store(base, Ordering::SeqCst);
-    let ok = read_tensors(path).is_ok();
-    (ok, PEAK.load(Ordering::SeqCst).saturating_sub(base))
+    alloc_count::peak_during(|| read_tensors(path).is_ok())
 }
 
 /// A valid file of a few small tensors.
