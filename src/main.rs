@@ -9,7 +9,7 @@ use fluxflow::commands;
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    match run(cli) {
+    match check_environment().and_then(|()| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -32,6 +32,18 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
+}
+
+/// Refuses a value of `FLUXFLOW_CUDA_UNVERIFIED` that is neither on nor off, so a typo never
+/// silently leaves the switch off.
+fn check_environment() -> anyhow::Result<()> {
+    use fluxflow::kernels::{parse_switch, UNVERIFIED_CUDA_ENV};
+    if let Ok(v) = std::env::var(UNVERIFIED_CUDA_ENV) {
+        if parse_switch(&v).is_none() {
+            anyhow::bail!("{UNVERIFIED_CUDA_ENV}={v:?}: use 1, on or true (or 0, off, false)");
+        }
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

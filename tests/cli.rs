@@ -299,3 +299,30 @@ fn bench_prints_one_json_line_and_refuses_zero_steps() {
         str_of(&out.stderr)
     );
 }
+
+#[test]
+fn a_misspelt_unverified_cuda_switch_is_refused_naming_the_variable() {
+    let o = common::bin()
+        .env("FLUXFLOW_CUDA_UNVERIFIED", "yes please")
+        .args(["info", "no-such-file.safetensors"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = str_of(&o.stderr);
+    assert!(
+        err.contains("FLUXFLOW_CUDA_UNVERIFIED") && err.contains("yes please"),
+        "{err}"
+    );
+    // Off and on are both accepted (on changes nothing on the CPU): the command then fails on
+    // its own argument instead.
+    for v in ["0", "off", "1", "ON", "true"] {
+        let o = common::bin()
+            .env("FLUXFLOW_CUDA_UNVERIFIED", v)
+            .args(["info", "no-such-file.safetensors"])
+            .output()
+            .unwrap();
+        let err = str_of(&o.stderr);
+        assert!(!err.contains("FLUXFLOW_CUDA_UNVERIFIED"), "{v}: {err}");
+        assert!(err.contains("no-such-file"), "{v}: {err}");
+    }
+}

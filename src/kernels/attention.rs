@@ -53,10 +53,19 @@ fn forward_chunks(
 /// softmax(q k^T * scale) v for [B, H, Sq, Dh] queries and [B, H, Sk, Dh] keys and values, in
 /// query chunks of at most `budget` score elements; differentiable in q, k and v with the
 /// backward pass of [`AttentionOp`].
+///
+/// On CUDA, unless [`super::unverified_cuda_paths`] is on, a tracked attention is the
+/// whole-matrix composition that candle's autograd differentiates (the path of the last GPU
+/// run; its memory grows with the square of the tokens).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if tracked && q.device().is_cuda() && !super::unverified_cuda_paths() {
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        return softmax_last(&scores)?.matmul(&v.contiguous()?);
+    }
     let kt = k.detach().t()?.contiguous()?;
     let y = forward_chunks(&q.detach(), &kt, &v.detach().contiguous()?, scale, budget)?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
+    if !tracked {
         return Ok(y);
     }
     let op = AttentionOp {

@@ -17,6 +17,36 @@ pub use conv::{conv2d, conv_transpose2d};
 
 use candle_core::{DType, Layout, Result, Tensor};
 
+/// The environment variable that turns on the CUDA paths built since the last GPU verification
+/// (`scripts/gpu-check.sh` on a GPU): the one-launch optimizer update, EMA and gradient norm
+/// (`train::optim::fused_cuda`) and the chunked attention's op in training
+/// ([`attention::attention`]). Off (unset, `0`, `off`, `false`), CUDA runs the paths that
+/// passed the last GPU run (the tensor expressions, the whole score matrix); `1`, `on` or
+/// `true` turns them on. The CPU is not affected.
+pub const UNVERIFIED_CUDA_ENV: &str = "FLUXFLOW_CUDA_UNVERIFIED";
+
+/// The switch's value for `v`: `Some(true)` for `1`/`on`/`true`, `Some(false)` for
+/// `0`/`off`/`false` or empty, `None` for anything else.
+pub fn parse_switch(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" => Some(true),
+        "" | "0" | "off" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether [`UNVERIFIED_CUDA_ENV`] turns the unverified CUDA paths on (read once; a value
+/// [`parse_switch`] does not take counts as off, and the binary refuses it at start-up).
+pub fn unverified_cuda_paths() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var(UNVERIFIED_CUDA_ENV)
+            .ok()
+            .and_then(|v| parse_switch(&v))
+            .unwrap_or(false)
+    })
+}
+
 /// A raw pointer that parallel loops share to write disjoint elements of one buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
@@ -65,6 +95,24 @@ pub(crate) fn fused_supported(x: &Tensor) -> bool {
             DType::F32 | DType::F64 | DType::BF16 | DType::F16
         );
     cpu || cuda
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::parse_switch;
+
+    #[test]
+    fn the_unverified_cuda_switch_takes_on_and_off_words_only() {
+        for v in ["1", "on", "ON", "true", " True "] {
+            assert_eq!(parse_switch(v), Some(true), "{v:?}");
+        }
+        for v in ["", "0", "off", "false", "OFF"] {
+            assert_eq!(parse_switch(v), Some(false), "{v:?}");
+        }
+        for v in ["yes", "2", "of"] {
+            assert_eq!(parse_switch(v), None, "{v:?}");
+        }
+    }
 }
 
 /// ||a - b|| / ||b|| (||a - b|| where b is zero), for the kernels' tests (f64 tensors).

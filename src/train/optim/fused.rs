@@ -15,7 +15,10 @@
 //! On CUDA (the `cuda` feature) the same passes are one kernel launch per parameter tensor
 //! (`super::fused_cuda`, `src/kernels/cuda/optim.cu`) where the tensor expressions launch about
 //! fifteen; the kernels round every operation on its own as the CPU does, so they agree with the
-//! CPU loops bit for bit (`tests/gpu.rs` checks it on a GPU).
+//! CPU loops bit for bit (`tests/gpu.rs` checks it on a GPU). Those kernels have not yet run on
+//! a GPU: they are used only when `FLUXFLOW_CUDA_UNVERIFIED` is on
+//! ([`crate::kernels::unverified_cuda_paths`]); otherwise CUDA tensors take the tensor
+//! expressions (`update` returns `Ok(false)`, `ema` and `sum_squares` `None`).
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var, WithDType};
 use rayon::prelude::*;
@@ -192,6 +195,9 @@ where
     F64: Fn(f64, f64, &mut [f64; MAX_BUFFERS]) -> f64 + Sync,
 {
     if var.device().is_cuda() {
+        if !crate::kernels::unverified_cuda_paths() {
+            return Ok(false);
+        }
         #[cfg(feature = "cuda")]
         return super::fused_cuda::update(var, grad, scale, names, buffers, rule);
     }
@@ -271,6 +277,9 @@ fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
 /// dtype (f32, f64) on one device.
 pub fn ema(shadow: &Tensor, param: &Tensor, decay: f64) -> candle_core::Result<Option<Tensor>> {
     if shadow.device().is_cuda() {
+        if !crate::kernels::unverified_cuda_paths() {
+            return Ok(None);
+        }
         #[cfg(feature = "cuda")]
         return super::fused_cuda::ema(shadow, param, decay);
     }
@@ -328,6 +337,9 @@ pub fn sum_squares(ts: &[&Tensor]) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     if first.device().is_cuda() {
+        if !crate::kernels::unverified_cuda_paths() {
+            return Ok(None);
+        }
         #[cfg(feature = "cuda")]
         return super::fused_cuda::sum_squares(ts);
         #[cfg(not(feature = "cuda"))]
