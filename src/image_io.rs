@@ -1,11 +1,13 @@
-//! Images in and out: decoding to RGB, the reference's training-size rule, conversion to and
-//! from [-1, 1] tensors, PSNR.
+//! Images in and out: decoding to RGB, resizing to a training size (`resize_rule`), conversion
+//! to and from [-1, 1] tensors, PSNR.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::{imageops::FilterType, ImageFormat, RgbImage};
+
+use crate::resize_rule::{bucket_size, training_size};
 
 /// Decodes a PNG, JPEG or WebP file to 8-bit RGB (grey and RGBA are converted).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
@@ -16,43 +18,6 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let img = image::load_from_memory(&bytes)
         .with_context(|| format!("{} is not a readable image", path.display()))?;
     Ok(img.to_rgb8())
-}
-
-/// The reference's training size for an image of `w` x `h`: both sides multiples of 16, the
-/// least aspect distortion between ceil16(short side) and the matching long side, the
-/// smallest area among ties (fluxflow-training `resize_preserving_aspect_min_distortion`
-/// as called by `upscale_image`).
-pub fn training_size(w: u32, h: u32) -> (u32, u32) {
-    let (w, h) = (w.max(1) as u64, h.max(1) as u64);
-    let short = w.min(h);
-    let long16 = w.max(h).div_ceil(16) * 16;
-    let ratio = long16 as f64 / short as f64;
-    let max_size = short.max(((short as f64 * ratio / 16.0).ceil() as u64) * 16);
-    let lo = short.div_ceil(16) * 16;
-    let hi = (max_size / 16) * 16;
-    if lo > hi {
-        return (lo as u32, lo as u32);
-    }
-    let orig_ratio = w as f64 / h as f64;
-    let sizes: Vec<u64> = (lo..=hi).step_by(16).collect();
-    let mut best: Option<(f64, u64, u64, u64)> = None; // (distortion, area, w, h)
-    for &ch in &sizes {
-        for &cw in &sizes {
-            let d = ((cw as f64 / ch as f64) / orig_ratio).ln().abs();
-            let area = cw * ch;
-            let better = match best {
-                None => true,
-                Some((bd, ba, ..)) => d < bd || (d == bd && area < ba),
-            };
-            if better {
-                best = Some((d, area, cw, ch));
-            }
-        }
-    }
-    match best {
-        Some((_, _, bw, bh)) => (bw as u32, bh as u32),
-        None => (lo as u32, lo as u32),
-    }
 }
 
 /// Resizes with Lanczos to the training size unless the image already has it.
@@ -70,7 +35,7 @@ pub fn to_training_size(img: RgbImage) -> RgbImage {
 /// data loader gives it (unchanged when it already has that size).
 pub fn to_bucket_size(img: RgbImage, img_size: Option<u32>) -> RgbImage {
     let (w, h) = img.dimensions();
-    let (tw, th) = crate::data::scan::bucket_size(w, h, img_size);
+    let (tw, th) = bucket_size(w, h, img_size);
     if (tw, th) == (w, h) {
         img
     } else {

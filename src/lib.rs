@@ -22,4 +22,5 @@ pub mod nn;
 pub mod params;
 pub mod quality;
 pub mod report;
+pub mod resize_rule;
 pub mod train;

@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
+use crate::kernels::in_f32;
 use crate::params::{Init, Pb};
 
 /// Which initialisation a layer gets when it is created fresh.
@@ -25,15 +26,6 @@ pub fn cast_like(param: &Tensor, x: &Tensor) -> Result<Tensor> {
         Ok(param.clone())
     } else {
         param.to_dtype(x.dtype())
-    }
-}
-
-/// Runs `f` on `x` in float32 where `x` is a 16-bit float (statistics and reductions that
-/// bfloat16 would round away), and casts the result back.
-pub fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    match x.dtype() {
-        DType::BF16 | DType::F16 => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
-        _ => f(x),
     }
 }
 
@@ -313,16 +305,6 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.weight.index_select(ids, 0)
     }
-}
-
-/// Softmax over the last axis: one fused op (`kernels::softmax`, whose backward keeps only the
-/// output) where the dtype and device allow, else candle's composition (in float32 for 16-bit
-/// inputs).
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if crate::kernels::softmax::supported(x) {
-        return crate::kernels::softmax::softmax_last_dim(x);
-    }
-    in_f32(x, |x| candle_nn::ops::softmax(x, D::Minus1))
 }
 
 /// Score-matrix elements one chunk of queries may hold (2^24: 64 MB in f32).

@@ -21,8 +21,8 @@ use common::{
     assert_close, parity, rel_l2, tiny16, tiny16_settings, tiny16_trainer, tiny16_trainer_lr,
 };
 use fluxflow::checkpoint::load_model;
+use fluxflow::kernels::softmax::softmax_last;
 use fluxflow::model::{FluxModel, Noise};
-use fluxflow::nn::softmax_last;
 use fluxflow::train::step::{StepMetrics, StepOutcome};
 
 fn gpu() -> Device {

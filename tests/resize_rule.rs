@@ -2,7 +2,7 @@
 
 mod common;
 
-use fluxflow::image_io::training_size;
+use fluxflow::resize_rule::training_size;
 
 #[test]
 fn training_sizes_match_the_reference_table() {

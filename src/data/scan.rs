@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use super::cache::{self, FileStamp, Header};
 use super::captions::Captions;
 use super::{BadFile, Dataset, Entry};
-use crate::image_io::training_size;
+use crate::resize_rule::bucket_size;
 
 /// File extensions (compared case-insensitively) taken as images; everything else is ignored.
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -103,31 +103,6 @@ pub fn scan(
         from_cache,
         unmatched_captions,
     })
-}
-
-/// The size an image of `w` x `h` is trained at: if `img_size` is set and the longer side
-/// exceeds it, both sides are first scaled by `img_size / longer` (the longer side becomes
-/// exactly `img_size`, the shorter is rounded half up, at least 1), then the reference rule
-/// ([`training_size`]: multiples of 16, least distortion, smallest area) applies. With an
-/// `img_size` that is not a multiple of 16 the result may therefore exceed it by up to 15.
-pub fn bucket_size(w: u32, h: u32, img_size: Option<u32>) -> (u32, u32) {
-    let (w, h) = capped_size(w, h, img_size);
-    training_size(w, h)
-}
-
-/// (w, h) with the longer side scaled down to `img_size` (see [`bucket_size`]).
-pub fn capped_size(w: u32, h: u32, img_size: Option<u32>) -> (u32, u32) {
-    let long = w.max(h);
-    match img_size {
-        Some(cap) if cap > 0 && long > cap => {
-            let scale = |s: u32| -> u32 {
-                let (s, cap, long) = (s as u64, cap as u64, long as u64);
-                ((s * cap + long / 2) / long).max(1) as u32
-            };
-            (scale(w), scale(h))
-        }
-        _ => (w, h),
-    }
 }
 
 fn is_image(path: &Path) -> bool {
@@ -251,20 +226,6 @@ pub fn image_files(root: &Path) -> Result<(Vec<PathBuf>, Vec<BadFile>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cap_scales_the_longer_side_then_applies_the_rule() {
-        assert_eq!(capped_size(640, 480, Some(64)), (64, 48));
-        assert_eq!(bucket_size(640, 480, Some(64)), (64, 48));
-        assert_eq!(capped_size(480, 640, Some(64)), (48, 64));
-        // 100 * 64 / 300 = 21.33 -> 21; 3 * 64 / 128 = 1.5 -> 2 (half up).
-        assert_eq!(capped_size(300, 100, Some(64)), (64, 21));
-        assert_eq!(capped_size(128, 3, Some(64)), (64, 2));
-        assert_eq!(capped_size(1000, 1, Some(64)), (64, 1));
-        // Below the cap, or no cap: unchanged.
-        assert_eq!(capped_size(50, 40, Some(64)), (50, 40));
-        assert_eq!(bucket_size(640, 480, None), training_size(640, 480));
-    }
 
     #[test]
     fn only_image_extensions_count_whatever_their_case() {

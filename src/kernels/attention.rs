@@ -17,8 +17,7 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::softmax::softmax_backward;
-use crate::nn::softmax_last;
+use super::softmax::{softmax_backward, softmax_last};
 
 /// Queries per chunk for `rows` score elements per query (B x H x Sk) under `budget`.
 fn chunk_len(rows: usize, budget: usize) -> usize {

@@ -13,7 +13,25 @@ use super::contiguous;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::model::PreAct;
+/// A pre-activation applied to t or to the control points before the curve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreAct {
+    Sigmoid,
+    Silu,
+    Tanh,
+    None,
+}
+
+impl PreAct {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            PreAct::Sigmoid => candle_nn::ops::sigmoid(x),
+            PreAct::Silu => x.silu(),
+            PreAct::Tanh => x.tanh(),
+            PreAct::None => Ok(x.clone()),
+        }
+    }
+}
 
 /// The pre-activation code of `fused.cu`.
 #[cfg(feature = "cuda")]

@@ -62,6 +62,15 @@ impl<T> SendPtr<T> {
     }
 }
 
+/// Runs `f` on `x` in float32 where `x` is a 16-bit float (statistics and reductions that
+/// bfloat16 would round away), and casts the result back.
+pub fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
+        _ => f(x),
+    }
+}
+
 /// The part of a CPU storage's data that a contiguous layout describes.
 pub(crate) fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {

@@ -9,8 +9,20 @@
 //! row sums run in float32 for 16-bit inputs; its temporaries live only during the backward.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+
+use super::in_f32;
 use half::bf16;
 use rayon::prelude::*;
+
+/// Softmax over the last axis: one fused op (`kernels::softmax`, whose backward keeps only the
+/// output) where the dtype and device allow, else candle's composition (in float32 for 16-bit
+/// inputs).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if supported(x) {
+        return softmax_last_dim(x);
+    }
+    in_f32(x, |x| candle_nn::ops::softmax(x, D::Minus1))
+}
 
 struct SoftmaxLastDim;
 

@@ -3,27 +3,8 @@
 
 use candle_core::{Result, Tensor};
 
+pub use crate::kernels::bezier::PreAct;
 use crate::params::{Init, Pb};
-
-/// A pre-activation applied to t or to the control points before the curve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PreAct {
-    Sigmoid,
-    Silu,
-    Tanh,
-    None,
-}
-
-impl PreAct {
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            PreAct::Sigmoid => candle_nn::ops::sigmoid(x),
-            PreAct::Silu => x.silu(),
-            PreAct::Tanh => x.tanh(),
-            PreAct::None => Ok(x.clone()),
-        }
-    }
-}
 
 /// The cubic Bezier curve `(1-t)^3 p0 + 3(1-t)^2 t p1 + 3(1-t) t^2 p2 + t^3 p3`, evaluated in the
 /// reference's operation order. All inputs broadcast against `t`.

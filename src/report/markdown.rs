@@ -5,9 +5,10 @@ use std::fmt::Write;
 use super::charts::PLOT_FILES;
 use super::gallery::Gallery;
 use super::metrics::{MetricsLog, Row, Section};
-use super::session::{format_duration, SessionInfo};
+use super::session::SessionInfo;
 use super::stats::{fmt_change, fmt_short, Stats};
 use super::summary::{metric_keys, resumes_text, TIMING_EXTRAS};
+use super::time::format_duration;
 
 /// The Markdown text. Links are relative to `graph/`.
 pub fn render(log: &MetricsLog, s: &SessionInfo, galleries: &[Gallery]) -> String {

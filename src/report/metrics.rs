@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
 
-use super::session::parse_timestamp;
+use super::time::parse_timestamp;
 
 /// Min, max and mean of one colour channel of a reconstruction, in [-1, 1] scale.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -19,6 +19,7 @@ pub mod plot;
 pub mod session;
 pub mod stats;
 pub mod summary;
+pub mod time;
 
 use std::path::{Path, PathBuf};
 

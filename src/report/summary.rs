@@ -3,8 +3,9 @@
 use std::fmt::Write;
 
 use super::metrics::{MetricsLog, Section, Series};
-use super::session::{format_duration, SessionInfo};
+use super::session::SessionInfo;
 use super::stats::{fmt_fixed, Stats};
+use super::time::format_duration;
 
 /// Metrics shown first, in this order; any other metric keys follow alphabetically.
 pub const LEADING_METRICS: [&str; 3] = ["vae_loss", "kl_loss", "kl_beta"];
