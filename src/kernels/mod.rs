@@ -106,24 +106,6 @@ pub(crate) fn fused_supported(x: &Tensor) -> bool {
     cpu || cuda
 }
 
-#[cfg(test)]
-mod switch_tests {
-    use super::parse_switch;
-
-    #[test]
-    fn the_unverified_cuda_switch_takes_on_and_off_words_only() {
-        for v in ["1", "on", "ON", "true", " True "] {
-            assert_eq!(parse_switch(v), Some(true), "{v:?}");
-        }
-        for v in ["", "0", "off", "false", "OFF"] {
-            assert_eq!(parse_switch(v), Some(false), "{v:?}");
-        }
-        for v in ["yes", "2", "of"] {
-            assert_eq!(parse_switch(v), None, "{v:?}");
-        }
-    }
-}
-
 /// ||a - b|| / ||b|| (||a - b|| where b is zero), for the kernels' tests (f64 tensors).
 #[cfg(test)]
 pub(crate) fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
@@ -167,5 +149,23 @@ pub(crate) fn check_finite_differences(
             "{what}, element {i}: analytic {} numeric {fd}",
             g[i]
         );
+    }
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::parse_switch;
+
+    #[test]
+    fn the_unverified_cuda_switch_takes_on_and_off_words_only() {
+        for v in ["1", "on", "ON", "true", " True "] {
+            assert_eq!(parse_switch(v), Some(true), "{v:?}");
+        }
+        for v in ["", "0", "off", "false", "OFF"] {
+            assert_eq!(parse_switch(v), Some(false), "{v:?}");
+        }
+        for v in ["yes", "2", "of"] {
+            assert_eq!(parse_switch(v), None, "{v:?}");
+        }
     }
 }

@@ -195,11 +195,11 @@ where
     F64: Fn(f64, f64, &mut [f64; MAX_BUFFERS]) -> f64 + Sync,
 {
     if var.device().is_cuda() {
-        if !crate::kernels::unverified_cuda_paths() {
-            return Ok(false);
-        }
         #[cfg(feature = "cuda")]
-        return super::fused_cuda::update(var, grad, scale, names, buffers, rule);
+        if crate::kernels::unverified_cuda_paths() {
+            return super::fused_cuda::update(var, grad, scale, names, buffers, rule);
+        }
+        return Ok(false);
     }
     let _ = rule;
     match var.dtype() {
@@ -277,11 +277,11 @@ fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
 /// dtype (f32, f64) on one device.
 pub fn ema(shadow: &Tensor, param: &Tensor, decay: f64) -> candle_core::Result<Option<Tensor>> {
     if shadow.device().is_cuda() {
-        if !crate::kernels::unverified_cuda_paths() {
-            return Ok(None);
-        }
         #[cfg(feature = "cuda")]
-        return super::fused_cuda::ema(shadow, param, decay);
+        if crate::kernels::unverified_cuda_paths() {
+            return super::fused_cuda::ema(shadow, param, decay);
+        }
+        return Ok(None);
     }
     match shadow.dtype() {
         DType::F32 => ema_as::<f32>(shadow, param, decay),
@@ -337,12 +337,10 @@ pub fn sum_squares(ts: &[&Tensor]) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     if first.device().is_cuda() {
-        if !crate::kernels::unverified_cuda_paths() {
-            return Ok(None);
-        }
         #[cfg(feature = "cuda")]
-        return super::fused_cuda::sum_squares(ts);
-        #[cfg(not(feature = "cuda"))]
+        if crate::kernels::unverified_cuda_paths() {
+            return super::fused_cuda::sum_squares(ts);
+        }
         return Ok(None);
     }
     let parts: Option<Vec<f64>> = ts.iter().map(|t| sum_squares_cpu(t)).collect();
