@@ -1,5 +1,5 @@
 //! Images in and out: decoding to RGB, resizing to a training size (`resize_rule`), conversion
-//! to and from [-1, 1] tensors, PSNR.
+//! to and from [-1, 1] tensors. (PSNR: `quality::psnr`.)
 
 use std::path::Path;
 
@@ -98,29 +98,5 @@ pub fn save_image(img: &RgbImage, path: &Path) -> Result<()> {
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, format)
         .map_err(|e| anyhow!("cannot encode {}: {e}", path.display()))?;
-    crate::checkpoint::write_atomic(path, bytes.get_ref())
-}
-
-/// PSNR in dB between two 8-bit images of the same size (peak 255).
-pub fn psnr(a: &RgbImage, b: &RgbImage) -> Result<f64> {
-    if a.dimensions() != b.dimensions() {
-        bail!(
-            "PSNR of images of different sizes {:?} and {:?}",
-            a.dimensions(),
-            b.dimensions()
-        );
-    }
-    let n = a.as_raw().len() as f64;
-    let mse: f64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum::<f64>()
-        / n;
-    Ok(if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    })
+    crate::atomic_write::write_atomic(path, bytes.get_ref())
 }

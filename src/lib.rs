@@ -5,7 +5,7 @@
 //! configuration, `data` the image folder pipeline, `image_io` the image conversions used by
 //! the commands, `report` the summary, plots and sample galleries of a run.
 
-pub mod checkpoint;
+pub mod atomic_write;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -24,3 +24,4 @@ pub mod quality;
 pub mod report;
 pub mod resize_rule;
 pub mod train;
+pub mod weights;

@@ -219,12 +219,12 @@ fn a_bezier_model_file_keeps_the_reference_format() {
     let model =
         FluxModel::fresh(&cfg, candle_core::DType::F32, &candle_core::Device::Cpu, 0).unwrap();
     let path = dir.join("m.safetensors");
-    fluxflow::checkpoint::save_model(&model, &path).unwrap();
+    fluxflow::weights::save_model(&model, &path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     assert_eq!(header["__metadata__"], serde_json::json!({"format": "pt"}));
-    let (act, m) = fluxflow::checkpoint::read_architecture(&path).unwrap();
+    let (act, m) = fluxflow::weights::read_architecture(&path).unwrap();
     assert_eq!((act, m), (Activation::Bezier, 1.0));
 
     // A baseline's file records its activation and width, and loads back as that baseline.
@@ -235,9 +235,9 @@ fn a_bezier_model_file_keeps_the_reference_format() {
     };
     let model =
         FluxModel::fresh(&gelu, candle_core::DType::F32, &candle_core::Device::Cpu, 0).unwrap();
-    fluxflow::checkpoint::save_model(&model, &path).unwrap();
+    fluxflow::weights::save_model(&model, &path).unwrap();
     let loaded =
-        fluxflow::checkpoint::load_model(&path, candle_core::DType::F32, &candle_core::Device::Cpu)
+        fluxflow::weights::load_model(&path, candle_core::DType::F32, &candle_core::Device::Cpu)
             .unwrap();
     // (The attention head count is not recorded in a checkpoint; the rest is.)
     let expected = ModelConfig {

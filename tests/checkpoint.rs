@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{parity, tiny16};
-use fluxflow::checkpoint::{load_model, read_tensors, save_model, to_safetensors_bytes, TEXT_FILE};
 use fluxflow::model::{FluxModel, ModelConfig, Noise};
+use fluxflow::weights::{load_model, read_tensors, save_model, to_safetensors_bytes, TEXT_FILE};
 
 fn tiny() -> ModelConfig {
     ModelConfig {
@@ -203,7 +203,7 @@ fn serialisation_borrows_storage_and_writes_what_candle_writes() {
             base.to_dtype(candle_core::DType::BF16).unwrap(),
         ),
     ];
-    let ours = fluxflow::checkpoint::to_safetensors_bytes_exact(&tensors).unwrap();
+    let ours = fluxflow::weights::to_safetensors_bytes_exact(&tensors).unwrap();
     let contiguous: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(k, t)| (k.clone(), t.contiguous().unwrap()))

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use fluxflow::checkpoint::read_tensors;
+use fluxflow::weights::read_tensors;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

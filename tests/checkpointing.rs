@@ -5,9 +5,9 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::{parity, rel_l2, tiny16};
-use fluxflow::checkpoint::load_model;
 use fluxflow::model::Noise;
 use fluxflow::train::step::{loss_gradients, vae_params, StepConfig};
+use fluxflow::weights::load_model;
 
 #[test]
 fn checkpointing_changes_no_gradient_f64() {

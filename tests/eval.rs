@@ -251,7 +251,11 @@ output:
         .unwrap()
         .to_rgb8();
     let original = image::open(sdir.join("original.png")).unwrap().to_rgb8();
-    let expected = fluxflow::image_io::psnr(&recon, &original).unwrap();
+    let expected = fluxflow::quality::psnr(
+        &fluxflow::quality::Planar::from_rgb8(&recon),
+        &fluxflow::quality::Planar::from_rgb8(&original),
+    )
+    .unwrap();
     assert!((logged - expected).abs() < 1e-9, "{logged} vs {expected}");
 
     // The gallery captions carry each step's PSNR as logged.

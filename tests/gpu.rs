@@ -20,10 +20,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{
     assert_close, parity, rel_l2, tiny16, tiny16_settings, tiny16_trainer, tiny16_trainer_lr,
 };
-use fluxflow::checkpoint::load_model;
 use fluxflow::kernels::softmax::softmax_last;
 use fluxflow::model::{FluxModel, Noise};
 use fluxflow::train::step::{StepMetrics, StepOutcome};
+use fluxflow::weights::load_model;
 
 fn gpu() -> Device {
     let dev = Device::new_cuda(0).expect("a CUDA GPU (these tests run on the GPU machine)");

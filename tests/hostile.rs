@@ -154,7 +154,7 @@ fn a_bad_image_among_good_ones_is_named_once_and_dropped() {
 
 /// tiny16's model with `f` applied to each `diffuser.*` tensor, saved as `path`.
 fn model_variant(path: &Path, f: impl Fn(&str, &Tensor) -> Tensor) {
-    let tensors = fluxflow::checkpoint::read_tensors(&parity("tiny16.safetensors")).unwrap();
+    let tensors = fluxflow::weights::read_tensors(&parity("tiny16.safetensors")).unwrap();
     let changed: HashMap<String, Tensor> = tensors
         .iter()
         .filter(|(k, _)| k.starts_with("diffuser."))

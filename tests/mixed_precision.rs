@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::{parity, rel_l2, tiny16, tiny16_trainer};
-use fluxflow::checkpoint::load_model;
 use fluxflow::model::{FluxModel, Noise};
 use fluxflow::train::precision::{LossScaler, MixedPrecision};
 use fluxflow::train::step::{Skip, StepOutcome};
+use fluxflow::weights::load_model;
 
 fn load() -> FluxModel {
     load_model(&parity("tiny16.safetensors"), DType::F32, &Device::Cpu)

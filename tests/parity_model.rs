@@ -4,8 +4,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, parity, tiny16};
-use fluxflow::checkpoint::load_model;
 use fluxflow::model::{BezierActivation, FluxModel, Noise, PreAct};
+use fluxflow::weights::load_model;
 
 fn fixture(name: &str, dtype: DType) -> Tensor {
     tiny16()

@@ -9,9 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use common::{
     assert_close, parity, tiny16, tiny16_settings as settings, tiny16_trainer as trainer,
 };
-use fluxflow::checkpoint::load_model;
 use fluxflow::model::{FluxModel, Noise};
 use fluxflow::train::step::{vae_params, StepConfig, StepMetrics, StepOutcome, VaeTrainer};
+use fluxflow::weights::load_model;
 
 fn run_step(
     t: &mut VaeTrainer,

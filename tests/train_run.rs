@@ -625,7 +625,7 @@ fn log_level_warning_keeps_only_warnings() {
 /// trainer tensors without the `vae.` prefix.
 fn downgrade_to_version_1(ckpt: &Path) {
     let trainer = ckpt.join("trainer.safetensors");
-    let tensors = fluxflow::checkpoint::read_tensors(&trainer).unwrap();
+    let tensors = fluxflow::weights::read_tensors(&trainer).unwrap();
     let renamed: std::collections::HashMap<String, candle_core::Tensor> = tensors
         .into_iter()
         .map(|(k, t)| (k.strip_prefix("vae.").map_or(k.clone(), str::to_string), t))

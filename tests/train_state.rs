@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use fluxflow::checkpoint::to_safetensors_bytes_exact;
 use fluxflow::model::{FluxModel, ModelConfig, Noise};
 use fluxflow::params::ParamStore;
 use fluxflow::train::factory::{optimizer_spec, scheduler_spec};
 use fluxflow::train::optim;
 use fluxflow::train::schedule::Scheduler;
 use fluxflow::train::step::{vae_params, Skip, StepConfig, StepOutcome, TrainerState, VaeTrainer};
+use fluxflow::weights::to_safetensors_bytes_exact;
 use serde_json::json;
 
 fn tiny() -> ModelConfig {

@@ -9,10 +9,11 @@ use candle_core::DType;
 use serde::Serialize;
 
 use super::parse_device;
-use crate::checkpoint::{load_model, write_atomic};
+use crate::atomic_write::write_atomic;
 use crate::cli::EvalArgs;
 use crate::data::BadFile;
 use crate::eval::{evaluate, EvalSet, Evaluation};
+use crate::weights::load_model;
 
 /// What `eval` measured.
 #[derive(Debug, Serialize)]

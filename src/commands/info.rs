@@ -5,9 +5,9 @@ use std::fmt;
 
 use anyhow::Result;
 
-use crate::checkpoint::{detect_config_as, read_architecture, read_tensors};
 use crate::cli::InfoArgs;
 use crate::model::{Activation, FluxModel, ModelConfig};
+use crate::weights::{detect_config, read_architecture, read_tensors};
 
 /// A checkpoint's description.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ fn component(name: &str) -> Option<String> {
 pub fn run(args: &InfoArgs) -> Result<Info> {
     let tensors = read_tensors(&args.checkpoint)?;
     let (activation, mult) = read_architecture(&args.checkpoint)?;
-    let config = detect_config_as(&tensors, activation, mult)?;
+    let config = detect_config(&tensors, activation, mult)?;
     let bezier = ModelConfig {
         activation: Activation::Bezier,
         baseline_width_mult: 1.0,

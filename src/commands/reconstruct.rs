@@ -11,10 +11,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::parse_device;
-use crate::checkpoint::load_model;
 use crate::cli::{Precision, ReconstructArgs};
-use crate::image_io::{from_tensor, load_rgb, psnr, save_image, to_tensor, to_training_size};
+use crate::image_io::{from_tensor, load_rgb, save_image, to_tensor, to_training_size};
 use crate::model::Noise;
+use crate::quality::{psnr, Planar};
+use crate::weights::load_model;
 
 /// What a reconstruction produced.
 #[derive(Debug)]
@@ -95,7 +96,7 @@ pub fn run(args: &ReconstructArgs) -> Result<Report> {
         output,
         input_size,
         size: img.dimensions(),
-        psnr_db: psnr(&out_img, &img)?,
+        psnr_db: psnr(&Planar::from_rgb8(&out_img), &Planar::from_rgb8(&img))?,
         downscaled,
     })
 }

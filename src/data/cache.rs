@@ -134,7 +134,7 @@ pub(crate) fn store(
     }
     let json = serde_json::to_vec_pretty(&cache)
         .with_context(|| format!("cannot serialise the bucket cache {}", path.display()))?;
-    crate::checkpoint::write_atomic(path, &json)
+    crate::atomic_write::write_atomic(path, &json)
         .with_context(|| format!("cannot write the bucket cache {}", path.display()))
 }
 

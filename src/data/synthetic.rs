@@ -34,7 +34,7 @@ pub fn generate(dir: &Path, count: usize, size: (u32, u32), seed: u64) -> Result
         let mut bytes = std::io::Cursor::new(Vec::new());
         img.write_to(&mut bytes, ImageFormat::Png)
             .with_context(|| format!("cannot encode {}", path.display()))?;
-        crate::checkpoint::write_atomic(&path, bytes.get_ref())?;
+        crate::atomic_write::write_atomic(&path, bytes.get_ref())?;
         paths.push(path);
     }
     Ok(paths)

@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use super::metrics::{MetricsLog, Section};
 use super::plot::{draw_panel, render_png, Axis, Line, Panel, PALETTE};
 use super::stats::{moving_average, smoothing_window};
-use crate::checkpoint::write_atomic;
+use crate::atomic_write::write_atomic;
 
 /// Size of the single plots.
 pub const PLOT_SIZE: (u32, u32) = (1600, 800);

@@ -12,7 +12,7 @@ use super::metrics::{MetricsLog, Section};
 use super::plot::{draw_panel, render_png, Axis, Line, Panel, PALETTE};
 use super::stats::{fmt_short, moving_average, smoothing_window, Stats};
 use super::METRICS_FILE;
-use crate::checkpoint::write_atomic;
+use crate::atomic_write::write_atomic;
 
 /// What to compare and how.
 #[derive(Debug, Clone)]

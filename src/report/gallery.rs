@@ -11,7 +11,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::plot::{encode_png, ensure_font, FONT};
-use crate::checkpoint::write_atomic;
+use crate::atomic_write::write_atomic;
 
 /// Width of one tile in pixels; the gallery is `columns * TILE_WIDTH` wide.
 pub const TILE_WIDTH: u32 = 256;
@@ -106,13 +106,9 @@ fn sample_set(dir: &Path) -> Option<SampleSet> {
     })
 }
 
-/// Composes and writes `<set.dir>/gallery.png`.
-pub fn write_gallery(set: &SampleSet) -> Result<Gallery> {
-    write_gallery_with_psnr(set, &BTreeMap::new())
-}
-
-/// [`write_gallery`] with each step's PSNR (dB, from the metrics log) in its caption.
-pub fn write_gallery_with_psnr(set: &SampleSet, psnr: &BTreeMap<u64, f64>) -> Result<Gallery> {
+/// Composes and writes `<set.dir>/gallery.png`, with each step's PSNR (dB, from the metrics
+/// log) in its caption.
+pub fn write_gallery(set: &SampleSet, psnr: &BTreeMap<u64, f64>) -> Result<Gallery> {
     ensure_font()?;
     let mut files: Vec<(String, &Path)> = Vec::new();
     if let Some(o) = &set.original {

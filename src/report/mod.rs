@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::checkpoint::write_atomic;
+use crate::atomic_write::write_atomic;
 pub use gallery::Gallery;
 pub use metrics::MetricsLog;
 pub use session::SessionInfo;
@@ -98,7 +98,7 @@ pub fn generate(run_dir: &Path) -> Result<ReportSummary> {
             .flatten()
             .map(|&(step, db)| (step as u64, db))
             .collect();
-        let g = gallery::write_gallery_with_psnr(&set, &psnr)?;
+        let g = gallery::write_gallery(&set, &psnr)?;
         if g.unreadable > 0 {
             notes.push(format!(
                 "{} unreadable sample files in {}",

@@ -65,7 +65,7 @@ impl Session {
 
     pub fn save(&mut self, path: &Path) -> Result<()> {
         self.last_update = now_iso();
-        crate::checkpoint::write_atomic(path, &serde_json::to_vec_pretty(self)?)
+        crate::atomic_write::write_atomic(path, &serde_json::to_vec_pretty(self)?)
     }
 
     /// Records a resume at `global_step`.
@@ -158,7 +158,7 @@ impl MetricsLog {
             }
         }
         if dropped > 0 {
-            crate::checkpoint::write_atomic(&self.path, kept.as_bytes())?;
+            crate::atomic_write::write_atomic(&self.path, kept.as_bytes())?;
         }
         Ok(dropped)
     }

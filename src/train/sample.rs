@@ -10,8 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde_json::{json, Map, Value};
 
-use crate::image_io::{from_tensor, load_rgb, psnr, save_image, to_bucket_size, to_tensor};
+use crate::image_io::{from_tensor, load_rgb, save_image, to_bucket_size, to_tensor};
 use crate::model::{FluxModel, Noise};
+use crate::quality::{psnr, Planar};
 
 /// One template image, at its training size.
 pub struct Template {
@@ -69,7 +70,7 @@ pub fn write_samples(
         let recon = from_tensor(&y)?;
         save_image(&recon, &dir.join(format!("{step:05}.webp")))?;
         let mut stats = Map::new();
-        let db = psnr(&recon, &t.image)?;
+        let db = psnr(&Planar::from_rgb8(&recon), &Planar::from_rgb8(&t.image))?;
         stats.insert("psnr".into(), json!(db.is_finite().then_some(db)));
         for (c, name) in ["r", "g", "b"].iter().enumerate() {
             let ch = y.get(c)?.flatten_all()?.to_dtype(DType::F64)?;

@@ -76,7 +76,7 @@ pub fn tiny16_trainer_lr(
 
 /// Every tensor of tiny16.safetensors.
 pub fn tiny16() -> HashMap<String, Tensor> {
-    fluxflow::checkpoint::read_tensors(&parity("tiny16.safetensors"))
+    fluxflow::weights::read_tensors(&parity("tiny16.safetensors"))
         .expect("the parity fixture ../shared/parity/tiny16.safetensors")
 }
 

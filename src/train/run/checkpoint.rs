@@ -20,16 +20,17 @@ use super::events::{Events, Level};
 use super::state::{reference_lrs, reference_training_state, LoopState};
 use super::step_loop::{Counters, Run};
 use super::writer::{Snapshot, Writer};
-use crate::checkpoint::{
-    check_finite, model_file_bytes, read_architecture, read_tensors, to_safetensors_bytes,
-    to_safetensors_bytes_exact, TEXT_FILE,
-};
 use crate::config::Config;
 use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
 use crate::params::ParamStore;
 use crate::train::optim;
 use crate::train::run_dir::{RunDir, STATE_FILE};
 use crate::train::step::{vae_params, VaeTrainer};
+use crate::weights::model_file::model_file_bytes;
+use crate::weights::{
+    check_finite, read_architecture, read_tensors, to_safetensors_bytes,
+    to_safetensors_bytes_exact, TEXT_FILE,
+};
 
 /// The model file of a checkpoint (the reference's name).
 pub const MODEL_FILE: &str = "flxflow_final.safetensors";

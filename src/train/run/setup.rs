@@ -9,7 +9,7 @@ use super::checkpoint::{restore, MODEL_FILE};
 use super::events::{Events, Filtered, Level};
 use super::step_loop::Run;
 use super::{RunSummary, StopSignal};
-use crate::checkpoint::{write_atomic, TEXT_FILE};
+use crate::atomic_write::write_atomic;
 use crate::config::{Config, OptimFile, Overrides};
 use crate::data::{scan, synthetic, BatchSampler, Dataset};
 use crate::eval::EvalSet;
@@ -20,6 +20,7 @@ use crate::train::run_dir::{RunDir, CONFIG_FILE};
 use crate::train::sample::load_templates;
 use crate::train::schedule::Scheduler;
 use crate::train::step::{vae_params, VaeTrainer};
+use crate::weights::TEXT_FILE;
 
 /// The optimizer JSON as the run uses it, copied into the run folder.
 pub const OPTIM_FILE: &str = "optim.json";
@@ -232,7 +233,7 @@ pub fn start(
     cfg.output.eval_data = cfg.output.eval_data.as_ref().map(absolute);
     let model = match &cfg.model_checkpoint {
         Some(p) => {
-            let loaded = crate::checkpoint::load_model(p, dtype, &device)
+            let loaded = crate::weights::load_model(p, dtype, &device)
                 .with_context(|| format!("model_checkpoint: {}", p.display()))?;
             if loaded.model.config != cfg.model_config() {
                 bail!(

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 
 use super::events::{Events, Level};
-use crate::checkpoint::write_atomic;
+use crate::atomic_write::write_atomic;
 use crate::train::run_dir::RunDir;
 
 /// One checkpoint, serialised.
