@@ -40,8 +40,9 @@ missing=$(ldd "$BIN/fluxflow" | grep 'not found' || true)
 if [[ -n $missing ]]; then echo "unresolved libraries:"; echo "$missing"; exit 1; fi
 
 stamp "GPU tests"
-FLUXFLOW_PARITY_DIR=$G/parity timeout "${TEST_TIMEOUT:-300}" "$BIN/gpu-tests" --test-threads 1 \
-  ${TESTS:-}
+# The binary was built in another checkout: point it at this one's fixtures.
+FLUXFLOW_FIXTURES_DIR=$PWD/tests/fixtures timeout "${TEST_TIMEOUT:-300}" "$BIN/gpu-tests" \
+  --test-threads 1 ${TESTS:-}
 tests_rc=$?
 stamp "GPU tests exit $tests_rc"
 
