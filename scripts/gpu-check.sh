@@ -42,14 +42,15 @@ if [[ -n $missing ]]; then echo "unresolved libraries:"; echo "$missing"; exit 1
 # Twice: the CUDA paths the last verified GPU run used (the default; the unverified kernels'
 # own tests skipped), then with FLUXFLOW_CUDA_UNVERIFIED=1 (src/kernels/mod.rs): the one-launch
 # optimizer/EMA/norm kernels and the chunked attention's op in training, and every test.
+# The binary was built in another checkout: point it at this one's fixtures.
+export FLUXFLOW_FIXTURES_DIR=$PWD/tests/fixtures
 stamp "GPU tests, verified paths"
-FLUXFLOW_PARITY_DIR=$G/parity timeout "${TEST_TIMEOUT:-300}" "$BIN/gpu-tests" --test-threads 1 \
-  --skip unverified_ ${TESTS:-}
+timeout "${TEST_TIMEOUT:-300}" "$BIN/gpu-tests" --test-threads 1 --skip unverified_ ${TESTS:-}
 verified_rc=$?
 stamp "GPU tests, verified paths: exit $verified_rc"
 stamp "GPU tests, FLUXFLOW_CUDA_UNVERIFIED=1"
-FLUXFLOW_CUDA_UNVERIFIED=1 FLUXFLOW_PARITY_DIR=$G/parity timeout "${TEST_TIMEOUT:-300}" \
-  "$BIN/gpu-tests" --test-threads 1 ${TESTS:-}
+FLUXFLOW_CUDA_UNVERIFIED=1 timeout "${TEST_TIMEOUT:-300}" "$BIN/gpu-tests" --test-threads 1 \
+  ${TESTS:-}
 unverified_rc=$?
 stamp "GPU tests, FLUXFLOW_CUDA_UNVERIFIED=1: exit $unverified_rc"
 tests_rc=$(( verified_rc != 0 ? verified_rc : unverified_rc ))

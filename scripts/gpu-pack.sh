@@ -2,7 +2,6 @@
 # Builds the CUDA binaries here (no GPU needed) and stages everything scripts/gpu-check.sh needs
 # on the GPU machine into .gpu/ (git-ignored; carry it to the device):
 #   .gpu/bin/{fluxflow,gpu-tests}.xz        the cuda build and the GPU test binary
-#   .gpu/parity/                            tiny16 fixtures without the float64 training traces
 #   .gpu/fluxref/, .gpu/bench_reference.py  the PyTorch reference's models and step benchmark
 #   .gpu/prof/                              the CUPTI kernel tracer (scripts/gpu-trace/)
 #
@@ -33,34 +32,14 @@ for l in sys.stdin:
         print(m["executable"])')
 [[ -n $test_bin ]] || { echo "the gpu test binary was not built" >&2; exit 1; }
 
-rm -rf .gpu && mkdir -p .gpu/bin .gpu/parity .gpu/fluxref
+rm -rf .gpu && mkdir -p .gpu/bin .gpu/fluxref
 # Stripped and xz-compressed (candle's PTX makes each binary ~60 MB; the device call carries
 # at most 64 MiB); scripts/gpu-check.sh unpacks them.
 strip -o .gpu/bin/fluxflow "$TD/release/fluxflow"
 strip -o .gpu/bin/gpu-tests "$test_bin"
 xz -T2 -6 -f .gpu/bin/fluxflow .gpu/bin/gpu-tests
 
-cp "$SHARED/parity/tiny16.json" .gpu/parity/
-python3 - "$SHARED/parity/tiny16.safetensors" .gpu/parity/tiny16.safetensors <<'PY'
-# Keeps weights, fixtures and the training noise; drops the float64 reference gradients and
-# weights (the GPU test compares its steps with the CPU's, not with those).
-import json, struct, sys
-src, dst = sys.argv[1:]
-with open(src, "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    head = json.loads(f.read(n)); base = 8 + n
-    keep = {k: v for k, v in head.items() if k == "__metadata__" or
-            k.startswith(("diffuser.", "text_encoder.", "fixture.", "train.eps."))}
-    out, blobs, off = {}, [], 0
-    for k, v in keep.items():
-        if k == "__metadata__":
-            out[k] = v; continue
-        a, b = v["data_offsets"]; f.seek(base + a); blob = f.read(b - a)
-        out[k] = dict(v, data_offsets=[off, off + len(blob)]); blobs.append(blob); off += len(blob)
-h = json.dumps(out).encode(); h += b" " * (-len(h) % 8)
-with open(dst, "wb") as g:
-    g.write(struct.pack("<Q", len(h))); g.write(h); [g.write(b) for b in blobs]
-PY
+# The test fixtures travel with the working tree (tests/fixtures, see scripts/gpu-check.sh).
 
 for f in activations conditioning vae flow encoders; do
   git -C "$REF" show "HEAD:src/fluxflow/models/$f.py" > ".gpu/fluxref/$f.py"

@@ -18,7 +18,7 @@ const BASELINES: [Activation; 3] = [Activation::Relu, Activation::Silu, Activati
 
 #[test]
 fn the_counting_store_gives_the_phase1_vae_parameter_count() {
-    // compressor + expander of parity/p1-128-manifest.json (README: 12,580,553 + 94,073,551).
+    // compressor + expander in tests/fixtures/p1-128-manifest.json: 12,580,553 + 94,073,551.
     let n = FluxModel::vae_parameter_count(&ModelConfig::default()).unwrap();
     assert_eq!(n, 12_580_553 + 94_073_551);
 }

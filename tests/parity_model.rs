@@ -1,4 +1,4 @@
-//! The candle model against the PyTorch reference's outputs in ../shared/parity/tiny16.*.
+//! The candle model against the PyTorch reference's outputs in tests/fixtures/tiny16.*.
 
 mod common;
 

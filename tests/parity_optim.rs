@@ -1,11 +1,13 @@
-//! Optimizers and LR schedulers against PyTorch traces (`../shared/parity/optim-traces.json`),
+//! Optimizers and LR schedulers against PyTorch traces (`tests/fixtures/optim-traces.json`),
 //! save/restore round trips, validation errors, and parameters without gradients.
 //!
 //! Tolerances: parameters (all of magnitude < 1) within 1e-10 absolute after every step, in
 //! float64; learning rates within 1e-10 relative. Resume round trips must be bit-identical.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::backprop::GradStore;
@@ -21,7 +23,7 @@ const LR_REL_TOL: f64 = 1e-10;
 fn traces() -> &'static Value {
     static TRACES: OnceLock<Value> = OnceLock::new();
     TRACES.get_or_init(|| {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/parity/optim-traces.json");
+        let path = common::parity("optim-traces.json");
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         serde_json::from_str(&text).expect("optim-traces.json parses")
