@@ -37,6 +37,47 @@ pub enum Command {
     Info(InfoArgs),
 }
 
+/// Limits every command that computes takes: `--memory-budget` and `--threads`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ResourceArgs {
+    /// Hold each request's estimated activation memory against SIZE instead of the memory
+    /// detected as available (on the CPU the smallest of MemAvailable, the `ulimit -v` room and
+    /// the memory cgroup's room; on CUDA the driver's free memory); a request over it is
+    /// refused with the estimate. SIZE: bytes, or a number with a unit: K, M, G, T (also KB,
+    /// MB, GB, TB) are powers of 1000, KiB, MiB, GiB, TiB powers of 1024, case-insensitive
+    /// (512M, 8GiB, 1.5T). Default: the environment variable FLUXFLOW_MEMORY_BUDGET where set
+    /// (this flag wins), else detection.
+    #[arg(long, value_name = "SIZE", value_parser = crate::memory::Size::parse)]
+    pub memory_budget: Option<crate::memory::Size>,
+    /// CPU threads of the computation, 1 to 4096: the thread pool that candle, gemm and
+    /// fluxflow's kernels share, and candle's split of each matrix product. Default:
+    /// RAYON_NUM_THREADS where set, else one per CPU (candle's matrix products: one per
+    /// physical core).
+    #[arg(long, value_name = "N", value_parser = threads_parser())]
+    pub threads: Option<usize>,
+}
+
+/// The most `--threads` accepted.
+pub const MAX_THREADS: u64 = 4096;
+
+fn threads_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..=MAX_THREADS)
+}
+
+impl Command {
+    /// The command's `--memory-budget` and `--threads`, for the commands that compute.
+    pub fn resources(&self) -> Option<&ResourceArgs> {
+        match self {
+            Self::Train(a) => Some(&a.resources),
+            Self::Resume(a) => Some(&a.resources),
+            Self::Bench(a) => Some(&a.resources),
+            Self::Reconstruct(a) => Some(&a.resources),
+            Self::Eval(a) => Some(&a.resources),
+            Self::Report(_) | Self::Compare(_) | Self::Info(_) => None,
+        }
+    }
+}
+
 /// Numeric precision of the computation (`--dtype`, `training.dtype`).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Serialize, serde::Deserialize,
@@ -93,6 +134,8 @@ pub struct ReconstructArgs {
     /// training size.
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    #[command(flatten)]
+    pub resources: ResourceArgs,
 }
 
 /// `reconstruct --max-pixels`' default: 1024 x 1024.
@@ -136,6 +179,8 @@ pub struct EvalArgs {
     /// Images of one size per forward pass.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    #[command(flatten)]
+    pub resources: ResourceArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -168,6 +213,8 @@ pub struct TrainArgs {
     /// logs and samples).
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub resources: ResourceArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -175,6 +222,8 @@ pub struct ResumeArgs {
     /// The run folder; default: the most recently updated run under ./runs.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub resources: ResourceArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -243,6 +292,8 @@ pub struct BenchArgs {
     /// default for convolutions); `off` for full float32 precision.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub tf32: Switch,
+    #[command(flatten)]
+    pub resources: ResourceArgs,
 }
 
 /// An on/off setting.

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use fluxflow::cli::{Cli, Command};
 use fluxflow::commands;
@@ -9,7 +10,10 @@ use fluxflow::commands;
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    match check_environment().and_then(|()| run(cli)) {
+    match check_environment()
+        .and_then(|()| apply_resources(&cli))
+        .and_then(|()| run(cli))
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -44,6 +48,35 @@ fn check_environment() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The command's `--threads` and `--memory-budget` (or `FLUXFLOW_MEMORY_BUDGET`), set for the
+/// whole process before any work starts.
+fn apply_resources(cli: &Cli) -> anyhow::Result<()> {
+    let resources = cli.command.resources().cloned().unwrap_or_default();
+    if let Some(n) = resources.threads {
+        use_threads(n)?;
+    }
+    fluxflow::memory::init_budget(resources.memory_budget)?;
+    Ok(())
+}
+
+/// Runs the CPU computation on `n` threads. Three things size it, each when first used:
+/// rayon's global pool (fluxflow's kernels, candle's parallel loops, and gemm, which works in
+/// the pool it is called from) reads `RAYON_NUM_THREADS`; candle splits each matrix product
+/// into `candle_core::utils::get_num_threads()` parts and sizes its own rayon pool by it
+/// (`RAYON_NUM_THREADS`, else the physical cores); candle's barrier pool (its element-wise
+/// maps) reads `CANDLE_NUM_THREADS` first. All are set here, before any of them exists, and
+/// the global pool is built at that size.
+fn use_threads(n: usize) -> anyhow::Result<()> {
+    // Called before any other thread exists (see `main`), so nothing reads the environment
+    // while it changes.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .with_context(|| format!("--threads {n}: cannot start the thread pool"))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

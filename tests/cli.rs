@@ -326,3 +326,54 @@ fn a_misspelt_unverified_cuda_switch_is_refused_naming_the_variable() {
         assert!(err.contains("no-such-file"), "{v}: {err}");
     }
 }
+
+#[test]
+fn bench_threads_sets_every_pool_and_reports_the_count() {
+    let small = [
+        "bench",
+        "--quickstart",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+    ];
+    // --threads wins over the environment's thread settings.
+    for n in ["1", "3"] {
+        let args: Vec<&str> = small
+            .iter()
+            .copied()
+            .chain(["--threads", n, "--json"])
+            .collect();
+        let out = common::bin()
+            .args(&args)
+            .env("RAYON_NUM_THREADS", "2")
+            .env("CANDLE_NUM_THREADS", "2")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", str_of(&out.stderr));
+        let line = str_of(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+        let n: u64 = n.parse().unwrap();
+        assert_eq!(v["threads"], n, "{line}");
+        assert_eq!(v["matmul_threads"], n, "{line}");
+    }
+    let args: Vec<&str> = small.iter().copied().chain(["--threads", "1"]).collect();
+    let out = fluxflow(&args);
+    assert!(out.status.success(), "{}", str_of(&out.stderr));
+    assert!(
+        str_of(&out.stdout).contains(", 1 thread, "),
+        "{}",
+        str_of(&out.stdout)
+    );
+    for bad in ["0", "4097", "two"] {
+        let out = fluxflow(&["bench", "--quickstart", "--threads", bad]);
+        let err = str_of(&out.stderr);
+        assert!(!out.status.success(), "{bad}: {err}");
+        assert!(
+            err.contains(&format!("'{bad}' for '--threads <N>'")),
+            "{bad}: {err}"
+        );
+    }
+}

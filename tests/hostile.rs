@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::{bin, parity, text};
+use fluxflow::memory::{activation_bytes, human_bytes, BUDGET_ENV};
 
 fn tmpdir(name: &str) -> PathBuf {
     common::fresh_dir("hostile", name)
@@ -500,12 +501,21 @@ fn bench_refuses_bad_numbers_and_sizes_that_cannot_fit_before_allocating() {
             &["--quickstart", "--height", "31"],
             "--height 31: must be a multiple of",
         ),
-        // The Phase 1 model: hundreds of GB of activations, refused with the estimate.
-        (&["--height", "100000"], "needs about"),
+        // The Phase 1 model: hundreds of GB of activations, refused with the estimate against
+        // the budget set below, whatever this machine's memory.
+        (
+            &["--height", "100000"],
+            "needs about 393 GB for its activations, more than the memory budget of 64.0 GB \
+             (FLUXFLOW_MEMORY_BUDGET=64G)",
+        ),
     ];
     for (args, needle) in cases {
         let o = run_within(
-            bin().arg("bench").args(*args).env("RUST_BACKTRACE", "0"),
+            bin()
+                .arg("bench")
+                .args(*args)
+                .env("RUST_BACKTRACE", "0")
+                .env(BUDGET_ENV, "64G"),
             Duration::from_secs(60),
         );
         let t = text(&o);
@@ -649,7 +659,8 @@ fn a_training_size_that_cannot_fit_is_refused_with_the_estimate_before_the_model
     image::RgbImage::from_fn(2048, 2048, |x, y| image::Rgb([x as u8, y as u8, 7]))
         .save(data.join("big.png"))
         .unwrap();
-    // The Phase 1 model (no model section) on a 2048x2048 image: over 100 GB of activations.
+    // The Phase 1 model (no model section) on a 2048x2048 image: over 100 GB of activations,
+    // held against a 64 GB budget (never one above the estimate: that would start the step).
     let cfg = dir.join("cfg.yaml");
     std::fs::write(
         &cfg,
@@ -661,13 +672,18 @@ fn a_training_size_that_cannot_fit_is_refused_with_the_estimate_before_the_model
     )
     .unwrap();
     let o = run_within(
-        bin().args(["train", "--config", cfg.to_str().unwrap()]),
+        bin()
+            .args(["train", "--config", cfg.to_str().unwrap()])
+            .env(BUDGET_ENV, "64G"),
         Duration::from_secs(60),
     );
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(
-        t.contains("needs about") && t.contains("2048x2048") && t.contains("data.img_size"),
+        t.contains("needs about 129 GB")
+            && t.contains("(FLUXFLOW_MEMORY_BUDGET=64G)")
+            && t.contains("2048x2048")
+            && t.contains("data.img_size"),
         "{t}"
     );
     assert!(!dir.join("run/checkpoints").exists(), "{t}");
@@ -709,24 +725,281 @@ fn eval_refuses_an_image_whose_reconstruction_cannot_fit_with_the_estimate() {
     let dir = tmpdir("eval-big");
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
-    // tiny16 (vae_dim 16) at 4096x4096: tens of GB of activations.
+    // tiny16 (vae_dim 16) at 4096x4096: tens of GB of activations, against a 16 GiB budget
+    // given both ways (the flag wins over the variable's 1 TB).
     image::RgbImage::from_fn(4096, 4096, |x, y| image::Rgb([x as u8, y as u8, 5]))
         .save(data.join("huge.png"))
         .unwrap();
     let o = run_within(
-        bin().args([
-            "eval",
-            "--checkpoint",
-            parity("tiny16.safetensors").to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-        ]),
+        bin()
+            .args([
+                "eval",
+                "--checkpoint",
+                parity("tiny16.safetensors").to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--memory-budget",
+                "16GiB",
+            ])
+            .env(BUDGET_ENV, "1T"),
         Duration::from_secs(60),
     );
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(
-        t.contains("needs about") && t.contains("4096x4096") && t.contains("huge.png"),
+        t.contains("needs about 42.9 GB")
+            && t.contains("memory budget of 17.2 GB (--memory-budget 16GiB)")
+            && t.contains("4096x4096")
+            && t.contains("huge.png"),
         "{t}"
     );
+}
+
+/// The embedded quickstart's model.
+fn quickstart_model() -> fluxflow::model::ModelConfig {
+    use fluxflow::config::{Config, Overrides, QUICKSTART};
+    Config::parse(QUICKSTART, "quickstart", &Overrides::default())
+        .unwrap()
+        .model_config()
+}
+
+/// tiny16's model, as its checkpoint gives it.
+fn tiny16_model() -> fluxflow::model::ModelConfig {
+    let path = parity("tiny16.safetensors");
+    fluxflow::weights::load_model(&path, DType::F32, &Device::Cpu)
+        .unwrap()
+        .model
+        .config
+}
+
+/// Both sides of the memory check for a request whose activations are estimated at
+/// `estimate` bytes: with a budget one byte below it, `cmd` is refused with the estimate and
+/// the budget's source, given as `--memory-budget` and as `FLUXFLOW_MEMORY_BUDGET`; with a
+/// budget of the estimate itself (given as the flag, which wins over the variable's 1 byte)
+/// it is not refused. Returns that run's output. Only for requests that are cheap to run.
+fn refused_below_and_run_at(what: &str, cmd: impl Fn() -> Command, estimate: u64) -> Output {
+    let need = format!("needs about {} for its activations", human_bytes(estimate));
+    let below = (estimate - 1).to_string();
+    for (flag, source) in [
+        (true, format!("(--memory-budget {below})")),
+        (false, format!("({BUDGET_ENV}={below})")),
+    ] {
+        let mut c = cmd();
+        if flag {
+            c.args(["--memory-budget", &below]);
+        } else {
+            c.env(BUDGET_ENV, &below);
+        }
+        let o = run_within(&mut c, Duration::from_secs(60));
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{what}, budget {below}: {t}");
+        assert!(
+            t.contains(&need) && t.contains(&source),
+            "{what}, budget {below}: expected {need:?} and {source:?} in {t}"
+        );
+    }
+    let at = estimate.to_string();
+    let o = run(cmd().args(["--memory-budget", &at]).env(BUDGET_ENV, "1"));
+    let t = text(&o);
+    assert!(o.status.success(), "{what}, budget {at}: {t}");
+    assert!(!t.contains("needs about"), "{what}, budget {at}: {t}");
+    o
+}
+
+#[test]
+fn bench_is_refused_just_below_its_estimate_and_runs_at_it() {
+    // The quickstart's training step at 32x32, batch 2: about 3.9 MB of activations.
+    let estimate = activation_bytes(&quickstart_model(), 2, 32, 32, DType::F32, true);
+    assert!(estimate < 10_000_000, "{estimate}");
+    let bench = || {
+        let mut c = bin();
+        c.args([
+            "bench",
+            "--quickstart",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "1",
+        ]);
+        c
+    };
+    let o = refused_below_and_run_at("bench", bench, estimate);
+    assert!(text(&o).contains("training step, batch 2 of 32x32"));
+    // The forward pass alone is held against its own, smaller estimate.
+    let forward = activation_bytes(&quickstart_model(), 2, 32, 32, DType::F32, false);
+    let bench_forward = || {
+        let mut c = bench();
+        c.arg("--forward-only");
+        c
+    };
+    refused_below_and_run_at("bench --forward-only", bench_forward, forward);
+}
+
+#[test]
+fn train_and_resume_are_refused_just_below_their_estimate_and_run_at_it() {
+    let dir = tmpdir("budget-train");
+    let data = dir.join("data");
+    images(&data, 2);
+    // Two 32x32 images, batch 2, one step.
+    let cfg = config(&dir, &data, "  max_steps: 1");
+    let model = fluxflow::config::Config::load(&cfg, &Default::default())
+        .unwrap()
+        .model_config();
+    let estimate = activation_bytes(&model, 2, 32, 32, DType::F32, true);
+    let train = || {
+        let mut c = bin();
+        c.args(["train", "--config", cfg.to_str().unwrap()]);
+        c
+    };
+    let o = refused_below_and_run_at("train", train, estimate);
+    assert!(
+        text(&o).contains("max_steps reached at step 1/"),
+        "{}",
+        text(&o)
+    );
+    let resume = || {
+        let mut c = bin();
+        c.args(["resume", "--output", dir.join("run").to_str().unwrap()]);
+        c
+    };
+    // The run is complete at its max_steps 1: resume gets past the check and stops at once.
+    let o = refused_below_and_run_at("resume", resume, estimate);
+    assert!(text(&o).contains("resuming"), "{}", text(&o));
+}
+
+#[test]
+fn reconstruct_and_eval_are_refused_just_below_their_estimate_and_run_at_it() {
+    let dir = tmpdir("budget-recon");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let img = data.join("small.png");
+    image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, 9]))
+        .save(&img)
+        .unwrap();
+    let checkpoint = parity("tiny16.safetensors");
+    // tiny16's forward pass of one 32x32 image: about 2.6 MB of activations.
+    let estimate = activation_bytes(&tiny16_model(), 1, 32, 32, DType::F32, false);
+    let reconstruct = || {
+        let mut c = bin();
+        c.args([
+            "reconstruct",
+            img.to_str().unwrap(),
+            "-c",
+            checkpoint.to_str().unwrap(),
+            "-o",
+            dir.join("out.png").to_str().unwrap(),
+        ]);
+        c
+    };
+    let o = refused_below_and_run_at("reconstruct", reconstruct, estimate);
+    assert!(text(&o).contains("PSNR"), "{}", text(&o));
+    let eval = || {
+        let mut c = bin();
+        c.args([
+            "eval",
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ]);
+        c
+    };
+    let o = refused_below_and_run_at("eval", eval, estimate);
+    assert!(text(&o).contains("small.png"), "{}", text(&o));
+}
+
+#[test]
+fn a_bad_memory_budget_is_an_error_naming_the_flag_or_the_variable_and_the_value() {
+    for (flag, env, needle) in [
+        (Some("8X"), None, "'8X' for '--memory-budget <SIZE>'"),
+        (Some("0"), None, "'0' for '--memory-budget <SIZE>'"),
+        (None, Some("lots"), "FLUXFLOW_MEMORY_BUDGET=lots"),
+        (None, Some("-1G"), "FLUXFLOW_MEMORY_BUDGET=-1G"),
+    ] {
+        let mut c = bin();
+        c.args(["bench", "--quickstart", "--steps", "1"]);
+        if let Some(v) = flag {
+            c.args(["--memory-budget", v]);
+        }
+        match env {
+            Some(v) => c.env(BUDGET_ENV, v),
+            None => c.env_remove(BUDGET_ENV),
+        };
+        let o = run_within(&mut c, Duration::from_secs(60));
+        let t = text(&o);
+        assert!(!o.status.success(), "{flag:?} {env:?}: {t}");
+        assert!(
+            t.contains(needle) && !t.contains("training step,"),
+            "{flag:?} {env:?}: expected {needle:?} in {t}"
+        );
+        // A value that is not a size says what a size is.
+        assert!(flag == Some("0") || t.contains("8GiB"), "{t}");
+    }
+    let help = text(&run(bin().args(["bench", "--help"])));
+    assert!(
+        help.contains("--memory-budget <SIZE>")
+            && help.contains("powers of 1000")
+            && help.contains("powers of 1024")
+            && help.contains("FLUXFLOW_MEMORY_BUDGET"),
+        "{help}"
+    );
+}
+
+/// Without a budget, the memory check sees the process's address-space limit (`ulimit -v`):
+/// a request beyond it is refused with the estimate instead of aborting in the allocator.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_request_beyond_the_address_space_limit_is_refused_with_the_estimate() {
+    use std::os::unix::process::CommandExt;
+    const LIMIT: u64 = 2 << 30;
+    // The quickstart's training step at 1024x1024, batch 2: about 4 GB of activations, more
+    // than the limit (and than the address space it leaves), less than most machines have.
+    let estimate = activation_bytes(&quickstart_model(), 2, 1024, 1024, DType::F32, true);
+    assert!(estimate > LIMIT, "{estimate}");
+    let mut c = bin();
+    c.args([
+        "bench",
+        "--quickstart",
+        "--batch",
+        "2",
+        "--width",
+        "1024",
+        "--height",
+        "1024",
+        "--steps",
+        "1",
+    ])
+    .env_remove(BUDGET_ENV)
+    .env("RUST_BACKTRACE", "0");
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        c.pre_exec(|| {
+            let r = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = run_within(&mut c, Duration::from_secs(60));
+    let t = text(&o);
+    // An allocator abort ends the process by a signal (no exit code).
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!("needs about {}", human_bytes(estimate))),
+        "{t}"
+    );
+    // The address space is the smallest limit, unless this machine has even less memory left.
+    let machine = fluxflow::memory::available_bytes(&Device::Cpu);
+    if machine.is_some_and(|m| m > LIMIT) {
+        assert!(
+            t.contains("address-space limit (ulimit -v: 2.15 GB"),
+            "{machine:?}: {t}"
+        );
+    }
 }

@@ -187,6 +187,10 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     let gpu_mib = crate::gpu::peak_bytes(&device)?.map(|b| b as f64 / (1u64 << 20) as f64);
     #[cfg(not(feature = "cuda"))]
     let gpu_mib: Option<f64> = None;
+    // The CPU threads the step ran on (`--threads`, see src/main.rs): the pool's, and the
+    // parts candle splits a matrix product into (one per physical core by default).
+    let threads = rayon::current_num_threads();
+    let matmul_threads = candle_core::utils::get_num_threads();
     if args.json {
         let round = |v: Option<f64>| v.map(|m| (m * 10.0).round() / 10.0);
         return Ok(serde_json::json!({
@@ -194,6 +198,8 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             "device": format!("{device:?}"),
             "dtype": format!("{dtype:?}").to_lowercase(),
             "tf32": tf32,
+            "threads": threads,
+            "matmul_threads": matmul_threads,
             "batch": b,
             "width": w,
             "height": h,
@@ -220,9 +226,15 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     if let Some(g) = gpu_mib {
         mem += &format!(", peak GPU memory {g:.0} MiB");
     }
+    let plural = if threads == 1 { "" } else { "s" };
+    let threads = if matmul_threads == threads {
+        format!("{threads} thread{plural}")
+    } else {
+        format!("{threads} thread{plural} ({matmul_threads} per matrix product)")
+    };
     Ok(format!(
-        "{}, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}, {}, checkpointing \
-         {}, mixed precision {mixed}: median {median:.3} s \
+        "{}, batch {b} of {w}x{h}, vae_dim {}, {dtype:?} on {device:?}, {threads}, {}, \
+         checkpointing {}, mixed precision {mixed}: median {median:.3} s \
          (min {:.3}, max {:.3}, {} steps{}), {:.2} images/s{mem}",
         if args.forward_only {
             "forward pass"
