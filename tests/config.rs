@@ -211,13 +211,13 @@ fn mixed_precision_and_checkpointing_settings_are_checked() {
     // Defaults: no mixed precision, checkpointing on (as the reference's models).
     let cfg = Config::parse(base, "test.yaml", &o).unwrap();
     assert_eq!(cfg.step_config().mixed_precision, MixedPrecision::No);
-    assert!(cfg.step_config().checkpointing);
+    assert!(cfg.step_config().recompute);
     let off = format!("{base}model: {{use_gradient_checkpointing: false}}\n");
     assert!(
         !Config::parse(&off, "test.yaml", &o)
             .unwrap()
             .step_config()
-            .checkpointing
+            .recompute
     );
     let bf16 = format!("{base}training: {{mixed_precision: bf16, device: cuda}}\n");
     // (A build without the cuda feature refuses the device later, when it is opened.)

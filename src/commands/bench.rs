@@ -128,7 +128,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         1000,
     )?;
     let step_cfg = cfg.step_config();
-    let checkpointing = step_cfg.checkpointing;
+    let recompute = step_cfg.recompute;
     let mixed = step_cfg.mixed_precision;
     let mut trainer = VaeTrainer::new(step_cfg, &model, opt, sched)?;
     let (b, h, w) = (args.batch, args.height, args.width);
@@ -204,7 +204,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             "width": w,
             "height": h,
             "vae_dim": cfg.model.vae_dim,
-            "checkpointing": checkpointing,
+            "checkpointing": recompute,
             "optimizer": spec.kind(),
             "mixed_precision": mixed.name(),
             "forward_only": args.forward_only,
@@ -243,7 +243,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         },
         cfg.model.vae_dim,
         spec.kind(),
-        if checkpointing { "on" } else { "off" },
+        if recompute { "on" } else { "off" },
         times[0],
         times[times.len() - 1],
         times.len(),

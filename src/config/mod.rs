@@ -419,7 +419,7 @@ impl Config {
             adaptive_window: 100,
             ema_decay: t.ema_decay,
             use_spade: t.train_spade,
-            checkpointing: self.model.use_gradient_checkpointing,
+            recompute: self.model.use_gradient_checkpointing,
             mixed_precision: t.mixed_precision(),
         }
     }

@@ -35,17 +35,17 @@ pub struct StepConfig {
     pub ema_decay: f64,
     /// Decode with SPADE context (`train_spade`).
     pub use_spade: bool,
-    /// Gradient checkpointing (the reference models' `use_gradient_checkpointing`): keep only
-    /// the inputs of the compressor's stages and of each expander block, recompute the rest in
-    /// the backward pass. Changes no result.
-    #[serde(default = "default_checkpointing")]
-    pub checkpointing: bool,
+    /// Recomputation in the backward pass (the reference models' `use_gradient_checkpointing`,
+    /// "gradient checkpointing"): keep only the inputs of the compressor's stages and of each
+    /// expander block, recompute the rest in the backward pass. Changes no result.
+    #[serde(default = "default_recompute", alias = "checkpointing")]
+    pub recompute: bool,
     /// Activations in a 16-bit float over float32 master weights (`training.mixed_precision`).
     #[serde(default)]
     pub mixed_precision: MixedPrecision,
 }
 
-fn default_checkpointing() -> bool {
+fn default_recompute() -> bool {
     true
 }
 
@@ -62,7 +62,7 @@ impl Default for StepConfig {
             adaptive_window: 100,
             ema_decay: 0.999,
             use_spade: true,
-            checkpointing: true,
+            recompute: true,
             mixed_precision: MixedPrecision::No,
         }
     }
@@ -179,7 +179,7 @@ impl<'a> Losses<'a> {
         noise: Noise,
         global_step: u64,
     ) -> Result<Self> {
-        let recompute = Recompute::new(c.checkpointing);
+        let recompute = Recompute::new(c.recompute);
         let master = images.dtype();
         let compute = c.mixed_precision.compute_dtype(master);
         let x = images.to_dtype(compute)?;

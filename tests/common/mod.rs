@@ -50,7 +50,7 @@ pub fn tiny16_trainer_lr(
         adaptive_window: 100,
         ema_decay: f("ema_decay"),
         use_spade: true,
-        checkpointing: true,
+        recompute: true,
         mixed_precision: Default::default(),
     };
     let lr = lr.unwrap_or(f("lr"));

@@ -1,5 +1,5 @@
-//! Gradient checkpointing changes no gradient: the first training step's gradients of tiny16 in
-//! float64 with and without it.
+//! Recomputation in the backward pass (gradient checkpointing) changes no gradient: the first
+//! training step's gradients of tiny16 in float64 with and without it.
 
 mod common;
 
@@ -10,15 +10,15 @@ use fluxflow::train::step::{loss_gradients, vae_params, StepConfig};
 use fluxflow::weights::load_model;
 
 #[test]
-fn checkpointing_changes_no_gradient_f64() {
+fn recomputation_changes_no_gradient_f64() {
     let fx = tiny16();
     let model = load_model(&parity("tiny16.safetensors"), DType::F64, &Device::Cpu)
         .unwrap()
         .model;
-    let grads = |checkpointing: bool, use_spade: bool| {
+    let grads = |recompute: bool, use_spade: bool| {
         let config = StepConfig {
             kl_free_bits: 2e-4,
-            checkpointing,
+            recompute,
             use_spade,
             ..StepConfig::default()
         };
@@ -37,7 +37,7 @@ fn checkpointing_changes_no_gradient_f64() {
                 }
                 (None, None) => {}
                 (a, b) => panic!(
-                    "{name}: gradient with checkpointing {}, without {}",
+                    "{name}: gradient with recomputation {}, without {}",
                     a.is_some(),
                     b.is_some()
                 ),
