@@ -1,9 +1,11 @@
 //! fluxflow: the FluxFlow VAE (Bezier-activation image autoencoder) on candle.
 //!
-//! `model` ports the PyTorch reference (fluxflow-core) layer for layer, `checkpoint` reads and
-//! writes its safetensors files, `train` holds the training machinery, `config` the training
-//! configuration, `data` the image folder pipeline, `image_io` the image conversions used by
-//! the commands, `report` the summary, plots and sample galleries of a run.
+//! `model` ports the PyTorch reference (fluxflow-core) layer for layer, `weights` reads and
+//! writes its safetensors files, `train` holds the training machinery (`train::run` the run loop
+//! and its checkpoints), `config` the training configuration, `data` the image folder pipeline,
+//! `image_io` the image conversions used by the commands, `report` the summary, plots and sample
+//! galleries of a run, `kernels` the custom ops (CPU and CUDA side by side per op), `memory` the
+//! memory estimate and budget.
 
 pub mod atomic_write;
 pub mod cli;

@@ -25,7 +25,7 @@ fn not_backbone(name: &str) -> bool {
     !name.starts_with(TEXT_BACKBONE)
 }
 
-/// A model loaded from a checkpoint, and where its text projection came from.
+/// A model loaded from a model file, and where its text projection came from.
 pub struct Loaded {
     pub model: FluxModel,
     /// The file the text projection was read from; `None` when it was freshly initialised.

@@ -38,7 +38,10 @@ fn open_safetensors(path: &Path) -> Result<Opened> {
         .with_context(|| format!("cannot read {}", path.display()))?
         .len();
     if len == 0 {
-        bail!("{} is empty, not a safetensors checkpoint", path.display());
+        bail!(
+            "{} is empty, not a safetensors weights file",
+            path.display()
+        );
     }
     if len < 8 {
         return Err(not_safetensors(
@@ -105,7 +108,7 @@ pub fn read_tensors_where(
             "BF16" => DType::BF16,
             "F16" => DType::F16,
             other => bail!(
-                "{}: tensor {} is stored as {other}; a FluxFlow checkpoint holds floating-point \
+                "{}: tensor {} is stored as {other}; FluxFlow weights files hold floating-point \
                  tensors only (F32, F64, BF16, F16)",
                 path.display(),
                 e.name

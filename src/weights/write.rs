@@ -41,7 +41,7 @@ pub(crate) fn serialize(
 }
 
 /// A contiguous CPU tensor's bytes, borrowed from its storage: candle's own `View` copies each
-/// tensor into a vector first, so serialising through it copies every checkpoint twice.
+/// tensor into a vector first, so serialising through it copies every file twice.
 struct CpuView<'a, G> {
     /// The storage's read guard (candle's lock type), held while the bytes are borrowed.
     storage: G,
@@ -101,7 +101,7 @@ impl<G: std::ops::Deref<Target = candle_core::Storage>> safetensors::View for Cp
                 C::F16(v) => bytes_of(v, s, n),
                 C::F32(v) => bytes_of(v, s, n),
                 C::F64(v) => bytes_of(v, s, n),
-                // Types a checkpoint never holds: candle's own copy.
+                // Types a weights file never holds: candle's own copy.
                 _ => return safetensors::View::data(&self.tensor),
             },
             _ => return safetensors::View::data(&self.tensor),
