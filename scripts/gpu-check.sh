@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU verification as one command, for one call of the device tool (<= 10 minutes):
 #   1. the GPU test binary (tests/gpu.rs): tiny16 fixtures on CUDA, three training steps
-#      against the CPU, the cuDNN convolutions against the CPU ops;
-#   2. `fluxflow bench --json` and the PyTorch reference's step (float32, gradient
-#      checkpointing on, PyTorch's defaults) side by side at each size, plus the FLOPs of a step;
+#      against the CPU, the cuDNN convolutions against the CPU ops; twice, with the verified
+#      CUDA paths and with FLUXFLOW_CUDA_UNVERIFIED=1;
+#   2. `fluxflow bench --json` and the PyTorch reference's step (gradient checkpointing on,
+#      float32 with PyTorch's defaults and under bf16 autocast) side by side at each size, plus
+#      the FLOPs of a step;
 #   3. a table of both (images/s, peak GPU memory, share of the GPU's bf16 peak).
 # Prepare on the build machine with scripts/gpu-pack.sh (the GPU machine has no Rust), then on
 # the GPU machine, from the repository root, with .gpu carried:
@@ -59,18 +61,27 @@ tests_rc=$(( verified_rc != 0 ? verified_rc : unverified_rc ))
 # fluxflow's variants (';'-separated argument sets for `fluxflow bench`).
 VARIANTS=${VARIANTS:---mixed-precision bf16;--mixed-precision no}
 IFS=';' read -r -a variants <<< "$VARIANTS"
+# The reference in each --amp setting of REF_AMP ("no": float32 with TF32 as PyTorch defaults;
+# "bf16": autocast), so that bf16 is compared with bf16 and float32 with float32; fluxflow's
+# variants also with FLUXFLOW_CUDA_UNVERIFIED=1 when UNVERIFIED_BENCH=1 (the default).
+REF_AMP=${REF_AMP-no bf16}
 for s in $SIZES; do
-  for v in "${variants[@]}"; do
-    stamp "bench ${s}x${s}: fluxflow $v"
-    # shellcheck disable=SC2086
-    FLUXFLOW_CUDNN_LOG=${CUDNN_LOG:-} timeout "${BENCH_TIMEOUT:-150}" "$BIN/fluxflow" bench \
-      --device cuda --width "$s" --height "$s" --batch "$BATCH" --steps "$STEPS" --json $v \
-      2>>"$OUT/cudnn.txt" | tail -n1 | tee -a "$OUT/bench.jsonl"
+  for u in 0 $([[ ${UNVERIFIED_BENCH:-1} == 1 ]] && echo 1); do
+    for v in "${variants[@]}"; do
+      stamp "bench ${s}x${s}: fluxflow $v (FLUXFLOW_CUDA_UNVERIFIED=$u)"
+      # shellcheck disable=SC2086
+      FLUXFLOW_CUDA_UNVERIFIED=$u FLUXFLOW_CUDNN_LOG=${CUDNN_LOG:-} \
+        timeout "${BENCH_TIMEOUT:-150}" "$BIN/fluxflow" bench --device cuda --width "$s" \
+        --height "$s" --batch "$BATCH" --steps "$STEPS" --json $v \
+        2>>"$OUT/cudnn.txt" | tail -n1 | tee -a "$OUT/bench.jsonl"
+    done
   done
-  stamp "bench ${s}x${s}: PyTorch reference"
-  timeout "${BENCH_TIMEOUT:-150}" python3 "$G/bench_reference.py" --models "$G" --device cuda \
-    --size "$s" --batch "$BATCH" --steps "$STEPS" --checkpointing on 2>/dev/null | tail -n1 |
-    tee -a "$OUT/bench.jsonl"
+  for amp in $REF_AMP; do
+    stamp "bench ${s}x${s}: PyTorch reference, --amp $amp"
+    timeout "${BENCH_TIMEOUT:-150}" python3 "$G/bench_reference.py" --models "$G" --device cuda \
+      --size "$s" --batch "$BATCH" --steps "$STEPS" --checkpointing on --amp "$amp" 2>/dev/null |
+      tail -n1 | tee -a "$OUT/bench.jsonl"
+  done
   if [[ ${FLOPS:-1} == 1 ]]; then
     timeout 120 python3 "$G/step_flops.py" --models "$G" --size "$s" --batch "$BATCH" 2>/dev/null |
       tail -n1 | tee -a "$OUT/bench.jsonl"
@@ -122,22 +133,24 @@ for r in rows:
     if "step_flops" in r:
         flops[key] = r["step_flops"]
     elif r.get("impl") == "pytorch-reference":
-        ref[key] = r
+        ref[(key, r.get("amp", "no"))] = r
     elif r.get("impl") == "fluxflow":
         ours.append(r)
-print(f"GPU: {gpu}; batch 2; the reference in float32 (TF32 on), gradient checkpointing on\n")
+print(f"GPU: {gpu}; batch 2; gradient checkpointing on in the reference; each fluxflow row "
+      "against the reference in the same precision (bf16: autocast; no: float32, TF32 on)\n")
 print("| size | fluxflow | img/s | reference img/s | speed | peak GPU MB | reference MB | memory "
       "| share of bf16 peak |")
 print("|---|---|---|---|---|---|---|---|---|")
 fmt = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"
-sizes = sorted(set(ref) | {(o["height"], o["width"]) for o in ours})
+sizes = sorted({k for k, _ in ref} | {(o["height"], o["width"]) for o in ours})
 for key in sizes:
-    r = ref.get(key)
-    ri, rm = (r["images_per_s"], r["peak_mem_mb"]) if r else (None, None)
     variants = [o for o in ours if (o["height"], o["width"]) == key] or [None]
     for o in variants:
-        name = "n/a" if o is None else (f"{o.get('mixed_precision', 'no')}, ckpt "
-                                         f"{'on' if o['checkpointing'] else 'off'}")
+        amp = "no" if o is None else o.get("mixed_precision", "no")
+        r = ref.get((key, amp))
+        ri, rm = (r["images_per_s"], r["peak_mem_mb"]) if r else (None, None)
+        name = "n/a" if o is None else (f"{amp}, ckpt {'on' if o['checkpointing'] else 'off'}"
+                                         f"{', unverified on' if o.get('unverified_cuda') else ''}")
         oi = o and o["images_per_s"]
         om = o and o.get("peak_gpu_mb")
         share = (flops[key] / o["median_step_s"] / peak * 100

@@ -208,6 +208,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             "optimizer": spec.kind(),
             "mixed_precision": mixed.name(),
             "forward_only": args.forward_only,
+            "unverified_cuda": crate::kernels::unverified_cuda_paths(),
             "steps": times.len(),
             "warmup_steps": warmup,
             "skipped_steps": skipped,
