@@ -11,7 +11,7 @@ use crate::resize_rule::{bucket_size, training_size};
 
 /// Decodes a PNG, JPEG or WebP file to 8-bit RGB (grey and RGBA are converted).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::paths::read_regular(path)?;
     if bytes.is_empty() {
         bail!("{} is empty", path.display());
     }

@@ -5,7 +5,8 @@
 //! and its checkpoints), `config` the training configuration, `data` the image folder pipeline,
 //! `image_io` the image conversions used by the commands, `report` the summary, plots and sample
 //! galleries of a run, `kernels` the custom ops (CPU and CUDA side by side per op), `memory` the
-//! memory estimate and budget.
+//! memory estimate and budget, `paths` the path comparisons that keep an output off an input and
+//! the opening of inputs as regular files only.
 
 pub mod atomic_write;
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod params;
+pub mod paths;
 pub mod quality;
 pub mod report;
 pub mod resize_rule;

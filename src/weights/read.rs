@@ -31,8 +31,7 @@ fn not_safetensors(path: &Path, why: impl std::fmt::Display) -> anyhow::Error {
 /// Opens a safetensors file and reads its header, whose claimed length is checked against the
 /// file's size first (so a hostile length allocates nothing). Errors name the file.
 fn open_safetensors(path: &Path) -> Result<Opened> {
-    let mut file =
-        fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut file = crate::paths::open_regular(path)?;
     let len = file
         .metadata()
         .with_context(|| format!("cannot read {}", path.display()))?
