@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -94,13 +95,39 @@ impl RunDir {
         fs::create_dir_all(&self.root)
             .with_context(|| format!("cannot create the output folder {}", self.root.display()))?;
         let path = self.root.join(LOCK_FILE);
-        let mut file = fs::OpenOptions::new()
+        // Never through a link: a lock that is a symbolic link to another file would get that
+        // file truncated and overwritten with a process id.
+        let opened = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path);
+        let mut file = match opened {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                let target = fs::read_link(&path)
+                    .map(|t| format!(" to {}", t.display()))
+                    .unwrap_or_default();
+                bail!(
+                    "the lock file {} is a symbolic link{target}; fluxflow does not follow it \
+                     (it would overwrite the file it points to): remove the link and try again",
+                    path.display()
+                );
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        };
+        let kind = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .file_type();
+        if !kind.is_file() {
+            bail!(
+                "the lock file {} is not a regular file; remove it and try again",
+                path.display()
+            );
+        }
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
