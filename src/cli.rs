@@ -209,8 +209,8 @@ pub struct TrainArgs {
     /// Override any setting: --set training.lr=1e-5 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
-    /// Start over in an output folder that already holds a run (deletes its checkpoints,
-    /// logs and samples).
+    /// Start over in an output folder that already holds a run (deletes the files that run
+    /// wrote, its checkpoints, logs and samples; any other file stays).
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]

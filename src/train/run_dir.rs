@@ -13,10 +13,22 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub mod own;
+
 /// The file a checkpoint's manifest and loop state live in.
 pub const STATE_FILE: &str = "state.json";
 /// The effective configuration kept in a run folder.
 pub const CONFIG_FILE: &str = "run.yaml";
+/// The optimizer JSON as the run uses it, copied into the run folder.
+pub const OPTIM_FILE: &str = "optim.json";
+/// The model file of a checkpoint (the reference's name), also copied to the run's root.
+pub const MODEL_FILE: &str = "flxflow_final.safetensors";
+/// Optimizer moments, EMA and (for non-f32 runs) exact weights, in a checkpoint.
+pub const TRAINER_FILE: &str = "trainer.safetensors";
+/// The reference's training state at the run's root.
+pub const REFERENCE_STATE_FILE: &str = "training_state.json";
+/// The reference's learning rates at the run's root.
+pub const REFERENCE_LR_FILE: &str = "lr_sav.json";
 /// Fault-injection hook for tests: `NAME` or `NAME:K` makes checkpoint writes of files whose
 /// name contains NAME fail half-way (as a full disk would), after K successful ones.
 pub const INJECT_FAILURE_ENV: &str = "FLUXFLOW_INJECT_WRITE_FAILURE";
@@ -83,9 +95,10 @@ impl RunDir {
         self.root.join("samples")
     }
 
-    /// Whether the folder already holds a run (its config copy or a checkpoint).
-    pub fn has_run(&self) -> bool {
-        self.root.join(CONFIG_FILE).exists() || !self.list().unwrap_or_default().is_empty()
+    /// What the folder holds: the files of a run of ours, its caches and anything else
+    /// ([`own::inspect`]).
+    pub fn contents(&self) -> Result<own::Contents> {
+        own::inspect(&self.root)
     }
 
     /// Takes the folder's exclusive lock (creating the folder if needed): one `train` or

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
 use crate::params::ParamStore;
 use crate::train::optim;
-use crate::train::run_dir::{RunDir, STATE_FILE};
+use crate::train::run_dir::{RunDir, REFERENCE_LR_FILE, REFERENCE_STATE_FILE, STATE_FILE};
 use crate::train::step::{vae_params, VaeTrainer};
 use crate::weights::model_file::model_file_bytes;
 use crate::weights::{
@@ -32,10 +32,7 @@ use crate::weights::{
     to_safetensors_bytes_exact, TEXT_FILE,
 };
 
-/// The model file of a checkpoint (the reference's name).
-pub const MODEL_FILE: &str = "flxflow_final.safetensors";
-/// Optimizer moments, EMA and (for non-f32 runs) exact weights.
-pub const TRAINER_FILE: &str = "trainer.safetensors";
+pub use crate::train::run_dir::{MODEL_FILE, TRAINER_FILE};
 
 /// The loop state of `state.json` at any version this build reads, as the current version;
 /// also the version it was written at.
@@ -155,9 +152,9 @@ impl Run {
             keep_last: self.cfg.output.keep_last,
             copies: vec![(root.join(MODEL_FILE), 0), (root.join(TEXT_FILE), 1)],
             after: vec![
-                (root.join("lr_sav.json"), serde_json::to_vec(&lrs)?),
+                (root.join(REFERENCE_LR_FILE), serde_json::to_vec(&lrs)?),
                 (
-                    root.join("training_state.json"),
+                    root.join(REFERENCE_STATE_FILE),
                     serde_json::to_vec_pretty(&ts)?,
                 ),
                 (

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 
-use super::checkpoint::{restore, MODEL_FILE};
+use super::checkpoint::restore;
 use super::events::{Events, Filtered, Level};
 use super::step_loop::Run;
 use super::{RunSummary, StopSignal};
@@ -16,14 +16,11 @@ use crate::eval::EvalSet;
 use crate::model::FluxModel;
 use crate::train::metrics::{MetricsLog, Session};
 use crate::train::optim;
-use crate::train::run_dir::{RunDir, CONFIG_FILE};
+use crate::train::run_dir::own::{self, Contents};
+use crate::train::run_dir::{RunDir, CONFIG_FILE, OPTIM_FILE};
 use crate::train::sample::load_templates;
 use crate::train::schedule::Scheduler;
 use crate::train::step::{vae_params, VaeTrainer};
-use crate::weights::TEXT_FILE;
-
-/// The optimizer JSON as the run uses it, copied into the run folder.
-pub const OPTIM_FILE: &str = "optim.json";
 
 fn dtype_of(cfg: &Config) -> DType {
     cfg.training.dtype.dtype()
@@ -47,9 +44,22 @@ fn prepare_data(
             let files = if current.as_deref() == Some(wanted.as_str()) {
                 Vec::new()
             } else {
-                if root.exists() {
-                    std::fs::remove_dir_all(&root)
-                        .with_context(|| format!("cannot remove {}", root.display()))?;
+                // Only the generated files go: anything else in the folder is not ours.
+                let kept = own::clear_synthetic(&root)?;
+                if !kept.is_empty() {
+                    events.log(
+                        Level::Warn,
+                        &format!(
+                            "{} holds {} file(s) fluxflow did not generate (kept, and read as \
+                             training images where they are images): {}",
+                            root.display(),
+                            kept.len(),
+                            kept.iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
                 }
                 events.log(
                     Level::Info,
@@ -165,29 +175,119 @@ fn check_batch_fits(cfg: &Config, dataset: &Dataset, dtype: DType, device: &Devi
     .context("set data.img_size to cap the images' size, or lower training.batch_size")
 }
 
-/// Deletes a run's checkpoints, logs, samples and root files (not its data caches).
-fn remove_run(dir: &RunDir) -> Result<()> {
-    for sub in ["checkpoints", "graph", "samples"] {
-        let p = dir.root.join(sub);
-        if p.exists() {
-            std::fs::remove_dir_all(&p)
-                .with_context(|| format!("cannot remove {}", p.display()))?;
-        }
+/// What a run folder of ours holds, for messages: "run.yaml and 3 checkpoint folder(s), the
+/// newest checkpoints/step-00000016", "run.yaml and no checkpoint", ...
+fn describe_run(c: &Contents) -> String {
+    let ckpts = match c.checkpoints.first() {
+        None => "no checkpoint".to_string(),
+        Some(newest) => format!(
+            "{} checkpoint folder(s), the newest checkpoints/step-{newest:08}",
+            c.checkpoints.len()
+        ),
+    };
+    if c.config {
+        format!("{CONFIG_FILE} and {ckpts}")
+    } else {
+        format!("{ckpts} but no {CONFIG_FILE}")
     }
-    for f in [
-        CONFIG_FILE,
-        OPTIM_FILE,
-        MODEL_FILE,
-        TEXT_FILE,
-        "training_state.json",
-        "lr_sav.json",
-    ] {
-        let _ = std::fs::remove_file(dir.root.join(f));
+}
+
+/// Refuses a folder that holds files fluxflow did not write and no run of ours (a PyTorch
+/// reference run, a user's model file or notes): `train` writes only into an empty folder or
+/// its own run's, whatever `--force` says.
+fn refuse_foreign(dir: &RunDir, c: &Contents) -> Result<()> {
+    if c.is_run() || c.foreign.is_empty() {
+        return Ok(());
+    }
+    let mut msg = format!(
+        "{} holds files fluxflow did not write ({}) and no run of its own (no {CONFIG_FILE}, no \
+         checkpoints/step-*); train writes only into an empty folder or one of its own runs \
+         (--force deletes only such a run's files): name another output folder with --output",
+        dir.root.display(),
+        c.foreign_list(6)
+    );
+    if let Some(model) = c.foreign_model() {
+        msg.push_str(&format!(
+            "; to start from {0}, read it as the source: --set model_checkpoint={0}",
+            dir.root.join(model).display()
+        ));
+    }
+    bail!(msg)
+}
+
+/// Refuses a folder `train` may not write into: one holding files fluxflow did not write and
+/// no run of ours ([`refuse_foreign`]), or a run of ours unless `force`.
+fn refuse_existing(dir: &RunDir, contents: &Contents, force: bool) -> Result<()> {
+    refuse_foreign(dir, contents)?;
+    if !contents.is_run() || force {
+        return Ok(());
+    }
+    let root = dir.root.display();
+    if contents.config {
+        bail!(
+            "{root} already holds a run ({}); continue it with `fluxflow resume --output \
+             {root}`, or pass --force to start over (the files that run wrote are deleted, any \
+             others kept)",
+            describe_run(contents)
+        );
+    }
+    bail!(
+        "{root} holds an unfinished fluxflow run ({}), which cannot be resumed without its \
+         configuration; pass --force to start over (the files that run wrote are deleted, any \
+         others kept), or name another output folder",
+        describe_run(contents)
+    )
+}
+
+/// Refuses a data folder and an output folder that overlap (one is the other or inside it):
+/// the run would read its own samples as training images, and `--force` would delete in the
+/// data folder.
+fn refuse_overlap(cfg: &Config, dir: &RunDir) -> Result<()> {
+    if cfg.data.synthetic.is_some() {
+        // The run generates its data inside its own folder.
+        return Ok(());
+    }
+    if let Some(data) = &cfg.data.data_path {
+        if crate::paths::overlap(data, &dir.root) {
+            bail!(
+                "the data folder {} and the output folder {} overlap (one is the other or lies \
+                 inside it): a run writes samples and checkpoints into its output folder, and \
+                 --force deletes there; name an output folder outside the data folder",
+                data.display(),
+                dir.root.display()
+            );
+        }
     }
     Ok(())
 }
 
-/// Starts a new run. Refuses a folder that already holds one unless `force`.
+/// Deletes the files of the run `c` describes and its folders left empty; files fluxflow did
+/// not write stay (see [`own`]), and so do the caches a new run reuses.
+fn remove_run(dir: &RunDir, c: &Contents, events: &mut dyn Events) -> Result<()> {
+    own::remove_run_files(&dir.root, c)?;
+    events.log(
+        Level::Info,
+        &format!(
+            "--force: deleted the {} file(s) of the previous run in {}",
+            c.run_files.len(),
+            dir.root.display()
+        ),
+    );
+    if !c.foreign.is_empty() {
+        events.log(
+            Level::Info,
+            &format!(
+                "--force: kept {} file(s) fluxflow did not write: {}",
+                c.foreign.len(),
+                c.foreign_list(6)
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Starts a new run. Refuses a folder that already holds one unless `force`, and a folder
+/// that holds files fluxflow did not write.
 pub fn start(
     mut cfg: Config,
     force: bool,
@@ -197,16 +297,15 @@ pub fn start(
     let mut filtered = Filtered::new(events, cfg.output.log_level);
     let events: &mut dyn Events = &mut filtered;
     let dir = RunDir::new(&cfg.output.output_path);
+    refuse_overlap(&cfg, &dir)?;
+    // Before the lock file is created, so that a folder of files fluxflow did not write is left
+    // untouched; then under the lock, which is what counts (and which names the process using
+    // a run of ours).
+    refuse_foreign(&dir, &dir.contents()?)?;
     let _lock = dir.lock()?;
-    let replace = dir.has_run();
-    if replace && !force {
-        bail!(
-            "{} already holds a run; continue it with `fluxflow resume --output {}`, or pass \
-             --force to start over (its checkpoints, logs and samples are deleted)",
-            dir.root.display(),
-            dir.root.display()
-        );
-    }
+    let contents = dir.contents()?;
+    refuse_existing(&dir, &contents, force)?;
+    let replace = contents.is_run();
     let (optim, optim_text) = optim_file(&cfg, None)?;
     let (dataset, template_paths) = prepare_data(&cfg, &dir, events)?;
     let device = cfg.training.device.open()?;
@@ -217,15 +316,6 @@ pub fn start(
     let template_paths: Vec<PathBuf> = template_paths.iter().map(absolute).collect();
     let templates = load_templates(&template_paths, cfg.data.img_size, dtype, &device)?;
     let eval_set = load_eval_set(&cfg)?;
-    if replace {
-        // Only now that the new run's settings, data, device and templates are all valid.
-        remove_run(&dir)?;
-    }
-    dir.create()?;
-    if let Some(text) = &optim_text {
-        write_atomic(&dir.root.join(OPTIM_FILE), text.as_bytes())?;
-        cfg.optimization.optim_sched_config = Some(PathBuf::from(OPTIM_FILE));
-    }
     cfg.output.test_image_address = template_paths;
     cfg.data.data_path = cfg.data.data_path.as_ref().map(absolute);
     cfg.data.captions_file = cfg.data.captions_file.as_ref().map(absolute);
@@ -256,15 +346,28 @@ pub fn start(
     let opt = optim::build("vae", &vae_spec, vae_params(&model))?;
     let sched = Scheduler::build("vae", &sched_spec, vae_spec.lr(), total)?;
     let trainer = VaeTrainer::new(cfg.step_config(), &model, opt, sched)?;
+    let other = other_lrs(&optim, &cfg)?;
+    if replace {
+        // Only now that the new run's settings, data, device, templates and model are all
+        // valid (and a model_checkpoint inside the old run is read).
+        remove_run(&dir, &contents, events)?;
+    }
+    dir.create()?;
+    // run.yaml first: from then on the folder is a run of ours, whose files are known.
+    if optim_text.is_some() {
+        cfg.optimization.optim_sched_config = Some(PathBuf::from(OPTIM_FILE));
+    }
     write_atomic(
         &dir.root.join(CONFIG_FILE),
         serde_yaml::to_string(&cfg)?.as_bytes(),
     )?;
+    if let Some(text) = &optim_text {
+        write_atomic(&dir.root.join(OPTIM_FILE), text.as_bytes())?;
+    }
 
     let mut session = Session::new();
     session.save(&dir.graph().join("session.json"))?;
     let metrics = MetricsLog::new(&dir.graph(), &session.session_id);
-    let other = other_lrs(&optim, &cfg)?;
     let run = Run {
         bad_files: dataset.bad.len() as u64,
         cfg,
@@ -306,17 +409,48 @@ fn other_lrs(optim: &OptimFile, cfg: &Config) -> Result<[f64; 3]> {
     ])
 }
 
+/// Refuses to resume a folder without a run of ours that can be resumed (its `run.yaml`),
+/// saying what the folder holds and what is missing.
+fn refuse_resume(dir: &RunDir, c: &Contents) -> Result<()> {
+    let root = dir.root.display();
+    if c.config {
+        return Ok(());
+    }
+    if !dir.root.exists() {
+        bail!("{root} does not exist; start a run there with `fluxflow train --output {root}`");
+    }
+    if c.is_run() {
+        bail!(
+            "{root} holds an unfinished fluxflow run ({}): resume needs the run's configuration \
+             {}, which is missing; start over with `fluxflow train --force --output {root}`",
+            describe_run(c),
+            dir.root.join(CONFIG_FILE).display()
+        );
+    }
+    let mut msg = format!("{root} holds no fluxflow run (no {CONFIG_FILE}, no checkpoints/step-*)");
+    if !c.foreign.is_empty() {
+        msg.push_str(&format!(
+            ", only files fluxflow did not write ({})",
+            c.foreign_list(6)
+        ));
+    }
+    match c.foreign_model() {
+        Some(model) => msg.push_str(&format!(
+            "; to train from {0}, start a run in another folder with `fluxflow train --output \
+             NEW_FOLDER --set model_checkpoint={0}`",
+            dir.root.join(model).display()
+        )),
+        None => msg.push_str("; start one with `fluxflow train`"),
+    }
+    bail!(msg)
+}
+
 /// Continues the run in `output` from its newest complete checkpoint (falling back to an
 /// older one when the newest is damaged).
 pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Result<RunSummary> {
     let dir = RunDir::new(output);
     let cfg_path = dir.root.join(CONFIG_FILE);
-    if !cfg_path.exists() {
-        bail!(
-            "{} holds no run (no {CONFIG_FILE}); start one with `fluxflow train`",
-            dir.root.display()
-        );
-    }
+    refuse_resume(&dir, &dir.contents()?)?;
     let _lock = dir.lock()?;
     let cfg = Config::load(&cfg_path, &Overrides::default())?;
     let mut filtered = Filtered::new(events, cfg.output.log_level);
