@@ -2,7 +2,7 @@
 //! images, per image and on average, as a table and optionally as JSON.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::DType;
@@ -11,9 +11,11 @@ use serde::Serialize;
 use super::parse_device;
 use crate::atomic_write::write_atomic;
 use crate::cli::EvalArgs;
+use crate::data::scan::IMAGE_EXTENSIONS;
 use crate::data::BadFile;
 use crate::eval::{evaluate, EvalSet, Evaluation};
-use crate::weights::load_model;
+use crate::paths::{canonical, refuse_overwrite};
+use crate::weights::{load_model, TEXT_FILE};
 
 /// What `eval` measured.
 #[derive(Debug, Serialize)]
@@ -35,6 +37,9 @@ pub struct EvalReport {
 pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     if args.limit == Some(0) {
         anyhow::bail!("--limit must be at least 1");
+    }
+    if let Some(json) = &args.json {
+        refuse_json_over_inputs(json, args)?;
     }
     let device = parse_device(&args.device)?;
     let set = EvalSet::load(&args.data, args.limit, None)?;
@@ -60,6 +65,37 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
             .with_context(|| format!("cannot write the --json output {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// Refuses a `--json` path that is the checkpoint, the text projection file read with it, or
+/// an image of the data folder (one that exists, or one that would become part of it).
+fn refuse_json_over_inputs(json: &Path, args: &EvalArgs) -> Result<()> {
+    let text_file = args.checkpoint.with_file_name(TEXT_FILE);
+    refuse_overwrite(
+        "--json",
+        json,
+        &[
+            ("the checkpoint being evaluated", &args.checkpoint),
+            (
+                "the text projection file read with the checkpoint",
+                &text_file,
+            ),
+        ],
+    )?;
+    let image = json
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)));
+    let (out, data) = (canonical(json), canonical(&args.data));
+    if image && out.starts_with(&data) {
+        anyhow::bail!(
+            "--json {}: that is an image of the data folder {}, which eval reads; name a file \
+             outside the data folder, or one that is not an image",
+            json.display(),
+            args.data.display()
+        );
+    }
+    Ok(())
 }
 
 fn num(v: Option<f64>, digits: usize) -> String {

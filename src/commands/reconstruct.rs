@@ -14,8 +14,9 @@ use super::parse_device;
 use crate::cli::{Precision, ReconstructArgs};
 use crate::image_io::{from_tensor, load_rgb, save_image, to_tensor, to_training_size};
 use crate::model::Noise;
+use crate::paths::refuse_overwrite;
 use crate::quality::{psnr, Planar};
-use crate::weights::load_model;
+use crate::weights::{load_model, TEXT_FILE};
 
 /// What a reconstruction produced.
 #[derive(Debug)]
@@ -56,6 +57,30 @@ pub fn run(args: &ReconstructArgs) -> Result<Report> {
             args.max_pixels
         );
     }
+    let output = match &args.output {
+        Some(p) => p.clone(),
+        None => {
+            let stem = args
+                .image
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into());
+            PathBuf::from(format!("{stem}.recon.png"))
+        }
+    };
+    let text_file = args.checkpoint.with_file_name(TEXT_FILE);
+    refuse_overwrite(
+        "-o",
+        &output,
+        &[
+            ("the image to reconstruct", &args.image),
+            ("the checkpoint", &args.checkpoint),
+            (
+                "the text projection file read with the checkpoint",
+                &text_file,
+            ),
+        ],
+    )?;
     let original = load_rgb(&args.image)?;
     let input_size = original.dimensions();
     let (original, downscaled) = within_pixels(original, args.max_pixels);
@@ -80,17 +105,6 @@ pub fn run(args: &ReconstructArgs) -> Result<Report> {
         .with_context(|| format!("cannot encode {}", args.image.display()))?;
     let y = model.expander.forward(&enc.packed, true)?;
     let out_img = from_tensor(&y.squeeze(0)?)?;
-    let output = match &args.output {
-        Some(p) => p.clone(),
-        None => {
-            let stem = args
-                .image
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "image".into());
-            PathBuf::from(format!("{stem}.recon.png"))
-        }
-    };
     save_image(&out_img, &output)?;
     Ok(Report {
         output,
