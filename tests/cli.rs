@@ -102,8 +102,9 @@ fn reconstruct_converts_grey_and_rgba_and_resizes_to_a_training_size() {
         .save(&jpeg)
         .unwrap();
     for (input, size) in [(&grey, (64, 48)), (&rgba, (32, 16)), (&jpeg, (48, 48))] {
+        // Not `rgba.webp` itself: an output over the input is refused.
         let out = dir.join(format!(
-            "{}.webp",
+            "{}.recon.webp",
             input.file_stem().unwrap().to_string_lossy()
         ));
         let o = fluxflow(&[
