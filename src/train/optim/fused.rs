@@ -17,6 +17,8 @@
 //! fifteen; the kernels round every operation on its own as the CPU does, so they agree with the
 //! CPU loops bit for bit (`tests/gpu.rs` checks it on a GPU).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
@@ -117,9 +119,14 @@ struct Update<'a, T, F> {
     /// The gradient's factor (clipping), if it is scaled.
     scale: Option<T>,
     buffers: [Option<&'a [T]>; MAX_BUFFERS],
+    /// The new buffers' storage: `n_buffers` vectors with room for `grad.len()` elements each,
+    /// written through these pointers (their spare capacity).
     outputs: [SendPtr<T>; MAX_BUFFERS],
     n_buffers: usize,
     f: F,
+    /// Set once `cpu_fwd` has written every element of every output: until then the outputs'
+    /// lengths must stay 0.
+    wrote_all: AtomicBool,
 }
 
 impl<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync> InplaceOp1 for Update<'_, T, F> {
@@ -142,6 +149,8 @@ impl<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync> InplaceOp1 for Upd
             );
         }
         let zero = T::zero();
+        // Chunk c covers indices c * CHUNK .. c * CHUNK + pc.len(): the chunks tile 0..n, with
+        // n == p.len() == grad.len(), the outputs' capacity (`update_as`).
         p.par_chunks_mut(CHUNK).enumerate().for_each(|(c, pc)| {
             let off = c * CHUNK;
             for (j, pv) in pc.iter_mut().enumerate() {
@@ -158,11 +167,17 @@ impl<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync> InplaceOp1 for Upd
                 }
                 *pv = (self.f)(*pv, g, &mut b);
                 for (v, dst) in b.iter().zip(&self.outputs[..self.n_buffers]) {
-                    // SAFETY: each output has room for every element; each i is written once.
+                    // SAFETY: each of the n_buffers outputs points to a vector's buffer with
+                    // room for n elements (`update_as`, which keeps the vectors alive, unmoved
+                    // and unread until this op has returned) and i < n; i belongs to this
+                    // chunk alone, so no other thread touches element i of any output. T is
+                    // Copy (no drop of the uninitialised old value is skipped or needed).
                     unsafe { dst.get().add(i).write(*v) };
                 }
             }
         });
+        // The parallel loop returned: every i < n of every output is written.
+        self.wrote_all.store(true, Ordering::Release);
         Ok(())
     }
 }
@@ -246,7 +261,7 @@ fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
         }
         let mut ptrs = [SendPtr(std::ptr::null_mut()); MAX_BUFFERS];
         for (k, o) in outputs.iter_mut().enumerate() {
-            ptrs[k] = SendPtr(o.as_mut_ptr());
+            ptrs[k] = SendPtr(o.spare_capacity_mut().as_mut_ptr().cast::<T>());
         }
         let op = Update {
             grad: g,
@@ -255,11 +270,22 @@ fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
             outputs: ptrs,
             n_buffers: names.len(),
             f,
+            wrote_all: AtomicBool::new(false),
         };
+        // `cpu_fwd` writes elements 0..g.len() of the outputs (and fails unless the parameter
+        // has as many): that must be their capacity n. (It is: grad has param's shape.)
+        if g.len() != n {
+            return Ok(false);
+        }
         param.inplace_op1(&op)?;
+        if !op.wrote_all.load(Ordering::Acquire) {
+            candle_core::bail!("fused update: the CPU loop did not run");
+        }
     }
     for (name, mut out) in names.iter().zip(outputs) {
-        // SAFETY: the update wrote all n elements of every output.
+        // SAFETY: `wrote_all` is set only after cpu_fwd's loop wrote elements 0..g.len() of
+        // every output, and g.len() == n (both are the parameter's element count); out has
+        // capacity n.
         unsafe { out.set_len(n) };
         buffers.insert(name, Tensor::from_vec(out, param.shape(), &Device::Cpu)?);
     }
@@ -298,20 +324,21 @@ fn ema_as<T: Elem>(
         let (Some(s), Some(p)) = (slice_of::<T>(&ss, sl), slice_of::<T>(&ps, pl)) else {
             return Ok(None);
         };
+        if s.len() != n || p.len() != n {
+            return Ok(None);
+        }
         let (d, k, zero) = (T::from_f64(decay), T::from_f64(1.0 - decay), T::zero());
-        let dst = SendPtr(out.as_mut_ptr());
-        (0..n.div_ceil(CHUNK)).into_par_iter().for_each(|c| {
-            for i in c * CHUNK..((c + 1) * CHUNK).min(n) {
-                // SAFETY: out has room for n elements; each i is written once.
-                unsafe {
-                    dst.get()
-                        .add(i)
-                        .write(affine(s[i], d, zero) + affine(p[i], k, zero))
-                };
-            }
-        });
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(s.par_chunks(CHUNK).zip(p.par_chunks(CHUNK)))
+            .for_each(|(oc, (sc, pc))| {
+                for ((o, &s), &p) in oc.iter_mut().zip(sc).zip(pc) {
+                    o.write(affine(s, d, zero) + affine(p, k, zero));
+                }
+            });
     }
-    // SAFETY: all n elements were written above.
+    // SAFETY: s and p hold n elements each (checked above), so the three chunkings agree and every chunk of out's first n spare elements is zipped with
+    // chunks of s and p of its length, and written element by element; the loop returned.
     unsafe { out.set_len(n) };
     Ok(Some(Tensor::from_vec(out, shadow.shape(), &Device::Cpu)?))
 }
