@@ -396,7 +396,9 @@ fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{AdamConfig, AdamWConfig, Buffers, RmsPropConfig, UpdateRule};
+    use super::super::{
+        AdamConfig, AdamWConfig, Buffers, LionConfig, RmsPropConfig, SgdConfig, UpdateRule,
+    };
     use candle_core::{DType, Device, Tensor, Var};
 
     /// Bits of every element, to compare results exactly (NaN included).
@@ -550,6 +552,137 @@ mod tests {
         let p16 = Var::from_tensor(&Tensor::ones(4, DType::BF16, &dev).unwrap()).unwrap();
         let g16 = Tensor::ones(4, DType::BF16, &dev).unwrap();
         assert!(!rule.update_fused(0.1, 1, &p16, &g16, None, &mut b).unwrap());
+    }
+
+    /// Three steps of `rule` (gradients zero, random, zero) from parameters that include +0
+    /// and -0, once with +0 and once with -0 for the zero gradients, through the tensor
+    /// expressions and (where the rule has it) the fused loop with and without a scale: the
+    /// parameters must come out bit for bit the same, the buffers equal in value (a buffer may
+    /// keep the zero's sign). This is what lets the vendored candle-core store a first gradient
+    /// `g` as it is where upstream stored `0 + g`, which turned -0 into +0
+    /// (vendor/README.md).
+    fn zero_sign_is_irrelevant<R: UpdateRule>(rule: &R, dtype: DType) {
+        let dev = Device::Cpu;
+        let n = 4 * 1000;
+        let p0 = Tensor::new(&[0.0f64, -0.0, 0.5, -0.25], &dev)
+            .unwrap()
+            .repeat(1000)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let pos = Tensor::zeros(n, dtype, &dev).unwrap();
+        let neg = pos.neg().unwrap();
+        assert!(bits(&neg).iter().all(|b| *b != 0), "-0 has its sign bit");
+        let r = Tensor::randn(0f32, 1.0, n, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = |zero: &Tensor, fused: Option<Option<f64>>| {
+            let v = Var::from_tensor(&p0).unwrap();
+            let mut b = Buffers::new();
+            let mut out = Vec::new();
+            for (step, g) in [zero, &r, zero].into_iter().enumerate() {
+                let (step, lr) = (step as u64 + 1, 1e-3);
+                match fused {
+                    None => {
+                        let new = rule.update(lr, step, &v.as_tensor().detach(), g, &mut b);
+                        v.set(&new.unwrap()).unwrap();
+                    }
+                    Some(scale) => {
+                        assert!(rule.update_fused(lr, step, &v, g, scale, &mut b).unwrap())
+                    }
+                }
+                let buffers: Vec<Vec<f64>> = b
+                    .values()
+                    .map(|t| t.to_dtype(DType::F64).unwrap().to_vec1().unwrap())
+                    .collect();
+                out.push((bits(v.as_tensor()), buffers));
+            }
+            out
+        };
+        let probe = Var::from_tensor(&p0).unwrap();
+        let has_fused = rule
+            .update_fused(0.0, 1, &probe, &pos, None, &mut Buffers::new())
+            .unwrap();
+        let mut paths = vec![None];
+        if has_fused {
+            paths.extend([Some(None), Some(Some(0.37))]);
+        }
+        for path in paths {
+            let (a, b) = (run(&pos, path), run(&neg, path));
+            for (step, (a, b)) in a.iter().zip(&b).enumerate() {
+                let what = format!("{:?} {dtype:?} {path:?} step {}", rule.to_spec(), step + 1);
+                assert_eq!(a.0, b.0, "{what}: parameters");
+                assert_eq!(a.1, b.1, "{what}: buffers");
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_gradients_sign_changes_no_update() {
+        let rms = |momentum, centered, weight_decay| RmsPropConfig {
+            lr: 1e-3,
+            alpha: 0.95,
+            eps: 1e-8,
+            weight_decay,
+            momentum,
+            centered,
+        };
+        for dtype in [DType::F32, DType::F64] {
+            for (m, c, wd) in [(0.9, true, 0.0), (0.0, false, 0.0), (0.9, false, 0.01)] {
+                zero_sign_is_irrelevant(&rms(m, c, wd), dtype);
+            }
+            zero_sign_is_irrelevant(
+                &RmsPropConfig {
+                    alpha: 0.4,
+                    ..rms(0.5, true, 0.01)
+                },
+                dtype,
+            );
+            for (betas, wd, amsgrad) in [((0.9, 0.999), 0.0, false), ((0.3, 0.9), 0.1, true)] {
+                let adam = AdamConfig {
+                    lr: 1e-3,
+                    betas,
+                    eps: 1e-8,
+                    weight_decay: wd,
+                    amsgrad,
+                };
+                zero_sign_is_irrelevant(&adam, dtype);
+                let adamw = AdamWConfig {
+                    lr: 1e-3,
+                    betas,
+                    eps: 1e-8,
+                    weight_decay: wd,
+                    amsgrad,
+                };
+                zero_sign_is_irrelevant(&adamw, dtype);
+            }
+            for (momentum, dampening, weight_decay, nesterov) in [
+                (0.0, 0.0, 0.0, false),
+                (0.9, 0.0, 0.0, false),
+                (0.9, 0.1, 0.01, false),
+                (0.9, 0.0, 0.01, true),
+            ] {
+                let sgd = SgdConfig {
+                    lr: 1e-3,
+                    momentum,
+                    dampening,
+                    weight_decay,
+                    nesterov,
+                };
+                zero_sign_is_irrelevant(&sgd, dtype);
+            }
+            for (weight_decay, decoupled_weight_decay) in [(0.0, false), (0.1, false), (0.1, true)]
+            {
+                let lion = LionConfig {
+                    lr: 1e-4,
+                    betas: (0.9, 0.99),
+                    weight_decay,
+                    decoupled_weight_decay,
+                };
+                zero_sign_is_irrelevant(&lion, dtype);
+            }
+        }
     }
 
     #[test]
