@@ -862,8 +862,8 @@ where
     check_len(x, b * c * h * wd, "conv2d input")?;
     check_len(w, k * ckk, "conv2d kernel")?;
     let shape = Shape::from((b, k, oh, ow));
-    if ckk == 0 {
-        // No input channel: no band to write y, which is zero.
+    if ckk == 0 || k * npos == 0 {
+        // No input channel: no band writes y, which is zero. (Or y is empty.)
         return Ok((vec![T::default(); b * k * npos], shape));
     }
     // Written through its spare capacity by the GEMMs, its length set once all of it is.
@@ -913,8 +913,8 @@ where
             gemm_write((k, n, ckk), &mut yb[p0..], npos, w, (ckk, 1), cols, (n, 1));
         }
     }
-    // SAFETY: y has room for b * k * npos elements, split into b chunks yb of k * npos (one per
-    // batch item, all visited). By rows: ckk > 0, so the band r0 = 0 ran and gemm_fill wrote
+    // SAFETY: y has room for b * k * npos elements, split into b chunks yb of k * npos > 0 (one
+    // per batch item, all visited). By rows: ckk > 0, so the band r0 = 0 ran and gemm_fill wrote
     // all of yb. By positions: the bands p0..p0 + n tile 0..npos and each wrote the k x n
     // block of yb at (0, p0), row stride npos: every element of yb. The GEMMs have returned.
     unsafe { y.set_len(b * k * npos) };
@@ -1238,7 +1238,7 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_batch_or_no_input_channel_gives_zeros() {
+    fn an_empty_batch_or_no_channels_gives_zeros() {
         let g = |stride| Geometry {
             padding: 0,
             stride,
@@ -1264,6 +1264,10 @@ mod tests {
             assert_eq!(shape.dims(), &[2, 3, 2, 2]);
             assert_eq!(y, vec![0.0; 2 * 3 * 2 * 2]);
         }
+        // No output channel: an empty y.
+        let (y, _) =
+            conv2d_cpu::<f64>(&[0.0; 32], (2, 1, 4, 4), &[], (0, 1, 3, 3), g(1), 7, None).unwrap();
+        assert!(y.is_empty());
     }
 
     #[test]

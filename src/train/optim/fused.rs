@@ -261,7 +261,9 @@ fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
         }
         let mut ptrs = [SendPtr(std::ptr::null_mut()); MAX_BUFFERS];
         for (k, o) in outputs.iter_mut().enumerate() {
-            ptrs[k] = SendPtr(o.spare_capacity_mut().as_mut_ptr().cast::<T>());
+            // Valid for writes of the whole capacity (n elements); `as_mut_ptr` makes no
+            // reference to the (empty) slice, so later uses of `o` do not invalidate it.
+            ptrs[k] = SendPtr(o.as_mut_ptr());
         }
         let op = Update {
             grad: g,
