@@ -3,8 +3,13 @@
 # their im2col/GEMM buffers, GroupNorm, softmax, attention; the fused optimizer loops) under
 # valgrind memcheck, which reports reads of uninitialised memory that steer the program
 # (branches, addresses, system calls: the tests' comparisons of every result) and heap
-# accesses out of bounds. Miri would be the finer tool, but it interprets code and the tests'
-# rayon/gemm loops are far too slow under it (see vendor/README.md's neighbour, docs: issue 19).
+# accesses out of bounds. Miri is the finer tool (it also checks aliasing and every read of
+# uninitialised memory, not only those that steer), but it needs the nightly toolchain and
+# interprets: the small unit tests run under it
+#   MIRIFLAGS="-Zmiri-tree-borrows -Zmiri-permissive-provenance -Zmiri-ignore-leaks" \
+#     cargo +nightly miri test --lib -- kernels::conv::cpu:: kernels::bezier::tests::bf16
+# (Tree Borrows: crossbeam-epoch, under rayon, breaks Stacked Borrows' rules; leaks: rayon's
+# pool threads are never joined), the larger ones take too long for a routine check.
 #
 # FLUXFLOW_NO_POISON=1 turns off the NaN fill that the unit tests otherwise give the buffers
 # the kernels allocate without zeroing (`kernels::poison_uninit`): with the fill, a read of a
@@ -14,7 +19,8 @@
 #
 # gemm picks its kernels at run time by CPUID; valgrind's CPU has no AVX-512, so it takes its
 # AVX2/FMA kernels here. Usage: scripts/memcheck.sh [test filter ...] (default: the kernels'
-# and the fused optimizer's tests). Takes a few minutes on two cores; not part of CI.
+# and the fused optimizer's tests). About 25 s under valgrind on two cores once the test
+# binary is built (CI runs it right after `cargo test`, which builds it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,11 +29,11 @@ if [ ${#filters[@]} -eq 0 ]; then
     filters=(kernels:: train::optim::fused::)
 fi
 
-# The lib's unit-test binary, from cargo's JSON messages (the artifact of the lib target built
-# in test mode).
+# The lib's unit-test binary, from cargo's JSON messages: with --lib, the one artifact that has
+# an executable (the lib target built in test mode).
 bin=$(cargo test --release --locked --lib --no-run --message-format=json 2>/dev/null |
-    jq -r 'select(.reason == "compiler-artifact" and .profile.test == true
-                  and (.target.kind | index("lib")) and .executable != null) | .executable' |
+    grep '"reason":"compiler-artifact"' |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' |
     tail -n 1)
 if [ -z "$bin" ] || [ ! -x "$bin" ]; then
     echo "memcheck: no unit-test binary found" >&2
