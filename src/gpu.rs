@@ -17,14 +17,18 @@ fn pool(dev: &Device) -> Result<Option<sys::CUmemoryPool>> {
     };
     let ctx = cuda.cuda_stream().context().clone();
     ctx.bind_to_thread().context("binding the CUDA context")?;
-    // SAFETY: the device handle comes from a live context.
+    // SAFETY: an FFI call taking a device handle (cudarc supplies the out-pointer): the handle
+    // is the device of `ctx`, a live context (held by `cuda`) bound to this thread just above.
     let pool = unsafe { result::device::get_default_mem_pool(ctx.cu_device()) }
         .context("the device's default memory pool")?;
     Ok(Some(pool))
 }
 
 fn set(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute, mut v: u64) -> Result<()> {
-    // SAFETY: the attributes set here take a cuuint64_t.
+    // SAFETY: `pool` is a device's default pool (from `pool`, valid while the device lives);
+    // the driver reads the attribute's value from the pointer during the call only, and reads
+    // at most 8 bytes (every CUmemPool_attribute is an int or a cuuint64_t; the two set here,
+    // RELEASE_THRESHOLD and USED_MEM_HIGH, are cuuint64_t), all within the live local `v`.
     unsafe { result::mem_pool::set_attribute(pool, attr, (&mut v) as *mut u64 as *mut _) }
         .with_context(|| format!("setting the memory pool's {attr:?}"))
 }
@@ -60,7 +64,8 @@ pub fn peak_bytes(dev: &Device) -> Result<Option<u64>> {
         return Ok(None);
     };
     let mut v = 0u64;
-    // SAFETY: USED_MEM_HIGH is a cuuint64_t.
+    // SAFETY: `p` is a device's default pool (from `pool`); USED_MEM_HIGH is a cuuint64_t,
+    // which the driver writes into the live local `v` (8 bytes, aligned) during the call only.
     unsafe {
         result::mem_pool::get_attribute(
             p,

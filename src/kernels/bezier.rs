@@ -131,32 +131,40 @@ fn curve<A: Real>(t: A, p: [A; 4]) -> A {
     out + t3 * p[3]
 }
 
+/// x [G, 5, S] -> y [G, S]; `None` when x's length is not a whole number of groups.
 fn fwd_cpu<T: Copy + Send + Sync, A: Real>(
     x: &[T],
     s: usize,
     op: &BezierOp,
     to: impl Fn(T) -> A + Sync,
     from: impl Fn(A) -> T + Sync,
-) -> Vec<T> {
-    let groups = x.len() / (5 * s);
-    let mut y: Vec<T> = Vec::with_capacity(groups * s);
-    // SAFETY: every element is written below before the vector is read.
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        y.set_len(groups * s)
-    };
-    y.par_chunks_mut(s)
+) -> Option<Vec<T>> {
+    if s == 0 || !x.len().is_multiple_of(5 * s) {
+        return None;
+    }
+    let n = x.len() / 5;
+    // Written through its spare capacity (no zeroing pass), its length set once all of it is.
+    let mut y: Vec<T> = Vec::with_capacity(n);
+    y.spare_capacity_mut()[..n]
+        .par_chunks_mut(s)
         .zip(x.par_chunks(5 * s))
         .for_each(|(yg, xg)| {
             for (j, o) in yg.iter_mut().enumerate() {
                 let t = pre(op.t_pre, to(xg[j]));
                 let p = [1, 2, 3, 4].map(|i| pre(op.p_pre, to(xg[i * s + j])));
-                *o = from(curve(t, p));
+                o.write(from(curve(t, p)));
             }
         });
-    y
+    // SAFETY: y's capacity is at least n; the n spare elements split into n / s chunks of s,
+    // each zipped with one of x's n / s groups of 5s (x.len() == 5n, checked above), so the
+    // zip drops no chunk; every chunk's s elements are written by the loop over j. The loop
+    // returned (a panic in a task would have unwound past this point), so all n are
+    // initialised.
+    unsafe { y.set_len(n) };
+    Some(y)
 }
 
+/// (x [G, 5, S], dy [G, S]) -> dx [G, 5, S]; `None` when the lengths do not fit.
 fn bwd_cpu<T: Copy + Send + Sync, A: Real>(
     x: &[T],
     dy: &[T],
@@ -164,14 +172,14 @@ fn bwd_cpu<T: Copy + Send + Sync, A: Real>(
     op: &BezierOp,
     to: impl Fn(T) -> A + Sync,
     from: impl Fn(A) -> T + Sync,
-) -> Vec<T> {
-    let mut dx: Vec<T> = Vec::with_capacity(x.len());
-    // SAFETY: every element is written below before the vector is read.
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        dx.set_len(x.len())
-    };
-    dx.par_chunks_mut(5 * s)
+) -> Option<Vec<T>> {
+    if s == 0 || !x.len().is_multiple_of(5 * s) || dy.len() * 5 != x.len() {
+        return None;
+    }
+    let n = x.len();
+    let mut dx: Vec<T> = Vec::with_capacity(n);
+    dx.spare_capacity_mut()[..n]
+        .par_chunks_mut(5 * s)
         .zip(x.par_chunks(5 * s))
         .zip(dy.par_chunks(s))
         .for_each(|((dxg, xg), dyg)| {
@@ -187,14 +195,19 @@ fn bwd_cpu<T: Copy + Send + Sync, A: Real>(
                         + (ti2 - A::TWO * ti * t) * p[1]
                         + (A::TWO * ti * t - t2) * p[2]
                         + t2 * p[3]);
-                dxg[j] = from(g * dcurve * dt);
-                dxg[s + j] = from(g * ti2 * ti * pd[0].1);
-                dxg[2 * s + j] = from(g * A::THREE * ti2 * t * pd[1].1);
-                dxg[3 * s + j] = from(g * A::THREE * ti * t2 * pd[2].1);
-                dxg[4 * s + j] = from(g * t2 * t * pd[3].1);
+                dxg[j].write(from(g * dcurve * dt));
+                dxg[s + j].write(from(g * ti2 * ti * pd[0].1));
+                dxg[2 * s + j].write(from(g * A::THREE * ti2 * t * pd[1].1));
+                dxg[3 * s + j].write(from(g * A::THREE * ti * t2 * pd[2].1));
+                dxg[4 * s + j].write(from(g * t2 * t * pd[3].1));
             }
         });
-    dx
+    // SAFETY: dx's capacity is at least n; its n spare elements split into G = n / 5s chunks of
+    // 5s, zipped with x's G groups of 5s and dy's G groups of s (lengths checked above), so no
+    // chunk is dropped; in each, j in 0..s writes elements j, s + j, .., 4s + j: all 5s of them.
+    // The loop returned, so all n are initialised.
+    unsafe { dx.set_len(n) };
+    Some(dx)
 }
 
 /// The fused forward pass: x [.., 5 per group, S] -> y [G, S] with `out` as its shape.
@@ -215,28 +228,24 @@ impl CustomOp1 for BezierOp {
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = self.s;
+        let bad = || candle_core::Error::Msg(format!("{}: input not [G, 5, {s}]", self.name()));
         let out = match st {
-            CpuStorage::F32(x) => CpuStorage::F32(fwd_cpu(
-                contiguous(x, l, self.name())?,
-                s,
-                self,
-                |v| v,
-                |v| v,
-            )),
-            CpuStorage::F64(x) => CpuStorage::F64(fwd_cpu(
-                contiguous(x, l, self.name())?,
-                s,
-                self,
-                |v| v,
-                |v| v,
-            )),
-            CpuStorage::BF16(x) => CpuStorage::BF16(fwd_cpu(
-                contiguous(x, l, self.name())?,
-                s,
-                self,
-                bf16::to_f32,
-                bf16::from_f32,
-            )),
+            CpuStorage::F32(x) => CpuStorage::F32(
+                fwd_cpu(contiguous(x, l, self.name())?, s, self, |v| v, |v| v).ok_or_else(bad)?,
+            ),
+            CpuStorage::F64(x) => CpuStorage::F64(
+                fwd_cpu(contiguous(x, l, self.name())?, s, self, |v| v, |v| v).ok_or_else(bad)?,
+            ),
+            CpuStorage::BF16(x) => CpuStorage::BF16(
+                fwd_cpu(
+                    contiguous(x, l, self.name())?,
+                    s,
+                    self,
+                    bf16::to_f32,
+                    bf16::from_f32,
+                )
+                .ok_or_else(bad)?,
+            ),
             _ => candle_core::bail!("{}: f32, f64 or bf16 input", self.name()),
         };
         Ok((out, self.out.clone()))
@@ -274,31 +283,42 @@ impl CustomOp2 for BezierBwdOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (op, s, name) = (&self.0, self.0.s, self.name());
+        let bad =
+            || candle_core::Error::Msg(format!("{name}: x not [G, 5, {s}] or dy not [G, {s}]"));
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(bwd_cpu(
-                contiguous(x, l1, name)?,
-                contiguous(dy, l2, name)?,
-                s,
-                op,
-                |v| v,
-                |v| v,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(bwd_cpu(
-                contiguous(x, l1, name)?,
-                contiguous(dy, l2, name)?,
-                s,
-                op,
-                |v| v,
-                |v| v,
-            )),
-            (CpuStorage::BF16(x), CpuStorage::BF16(dy)) => CpuStorage::BF16(bwd_cpu(
-                contiguous(x, l1, name)?,
-                contiguous(dy, l2, name)?,
-                s,
-                op,
-                bf16::to_f32,
-                bf16::from_f32,
-            )),
+            (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(
+                bwd_cpu(
+                    contiguous(x, l1, name)?,
+                    contiguous(dy, l2, name)?,
+                    s,
+                    op,
+                    |v| v,
+                    |v| v,
+                )
+                .ok_or_else(bad)?,
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(
+                bwd_cpu(
+                    contiguous(x, l1, name)?,
+                    contiguous(dy, l2, name)?,
+                    s,
+                    op,
+                    |v| v,
+                    |v| v,
+                )
+                .ok_or_else(bad)?,
+            ),
+            (CpuStorage::BF16(x), CpuStorage::BF16(dy)) => CpuStorage::BF16(
+                bwd_cpu(
+                    contiguous(x, l1, name)?,
+                    contiguous(dy, l2, name)?,
+                    s,
+                    op,
+                    bf16::to_f32,
+                    bf16::from_f32,
+                )
+                .ok_or_else(bad)?,
+            ),
             _ => candle_core::bail!("{name}: f32, f64 or bf16 inputs of one dtype"),
         };
         Ok((out, l1.shape().clone()))

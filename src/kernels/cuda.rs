@@ -68,6 +68,10 @@ macro_rules! by_dtype {
 pub fn bezier_fwd(st: &CudaStorage, l: &Layout, s: usize, tk: i32, pk: i32) -> Result<CudaStorage> {
     let dev = st.device().clone();
     let n = l.shape().elem_count() / 5;
+    // The kernel writes y[i] for i < groups * s: all n of them only if s divides n.
+    if s == 0 || n * 5 != l.shape().elem_count() || !n.is_multiple_of(s) {
+        candle_core::bail!("Bezier activation: {:?} is not [G, 5, {s}]", l.shape());
+    }
     let groups = (n / s) as u64;
     let name = format!("bezier_fwd_{}", suffix(st.dtype(), "Bezier activation")?);
     fn go<T: CudaDType + DeviceRepr>(
@@ -78,7 +82,9 @@ pub fn bezier_fwd(st: &CudaStorage, l: &Layout, s: usize, tk: i32, pk: i32) -> R
         args: (u64, u64, i32, i32),
     ) -> Result<CudaSlice<T>> {
         let func = dev.get_or_load_custom_func(name, MODULE, ptx::FUSED)?;
-        // SAFETY: the kernel writes all n elements.
+        // SAFETY: `alloc` leaves the memory uninitialised; y is returned empty (n == 0) or
+        // after the kernel below has written every element (its grid-stride loop runs i over
+        // 0..groups * s == n); an error drops it unread.
         let y = unsafe { dev.alloc::<T>(n)? };
         if n == 0 {
             return Ok(y);
@@ -90,7 +96,9 @@ pub fn bezier_fwd(st: &CudaStorage, l: &Layout, s: usize, tk: i32, pk: i32) -> R
         b.arg(&args.1);
         b.arg(&args.2);
         b.arg(&args.3);
-        // SAFETY: argument types and order match bezier_fwd_* in fused.cu.
+        // SAFETY: argument types and order match bezier_fwd_* in fused.cu (const T *x, T *y,
+        // u64 groups, u64 s, i32, i32); it reads x below groups * 5s == x.len() and writes y
+        // below groups * s == n == y.len(), each y[i] from one thread.
         unsafe { b.launch(launch_cfg(n)) }.w()?;
         Ok(y)
     }
@@ -120,6 +128,10 @@ pub fn bezier_bwd(
             lx.shape()
         );
     }
+    // The kernel writes dx for the groups * 5s first elements: all n only if s divides n / 5.
+    if s == 0 || !(n / 5).is_multiple_of(s) {
+        candle_core::bail!("Bezier backward: {:?} is not [G, 5, {s}]", lx.shape());
+    }
     let groups = (n / 5 / s) as u64;
     let name = format!("bezier_bwd_{}", suffix(x.dtype(), "Bezier backward")?);
     fn go<T: CudaDType + DeviceRepr>(
@@ -131,7 +143,10 @@ pub fn bezier_bwd(
         args: (u64, u64, i32, i32),
     ) -> Result<CudaSlice<T>> {
         let func = dev.get_or_load_custom_func(name, MODULE, ptx::FUSED)?;
-        // SAFETY: the kernel writes all n elements.
+        // SAFETY: `alloc` leaves the memory uninitialised; dx is returned empty (n == 0) or
+        // after the kernel below has written every element (thread i < groups * s writes
+        // elements g*5s + j + {0, s, .., 4s}: all of 0..groups * 5s == n); an error drops it
+        // unread.
         let dx = unsafe { dev.alloc::<T>(n)? };
         if n == 0 {
             return Ok(dx);
@@ -144,7 +159,10 @@ pub fn bezier_bwd(
         b.arg(&args.1);
         b.arg(&args.2);
         b.arg(&args.3);
-        // SAFETY: argument types and order match bezier_bwd_* in fused.cu.
+        // SAFETY: argument types and order match bezier_bwd_* in fused.cu (const T *x,
+        // const T *dy, T *dx, u64 groups, u64 s, i32, i32); it reads x and writes dx below
+        // groups * 5s == n (their lengths), reads dy below groups * s == n / 5 (its length,
+        // checked by the caller), each dx element from one thread.
         unsafe { b.launch(launch_cfg(n / 5)) }.w()?;
         Ok(dx)
     }
@@ -170,6 +188,10 @@ pub fn softmax_last_dim(st: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     let n_cols = l.dims().last().copied().unwrap_or(1).max(1);
     let el = l.shape().elem_count();
     let n_rows = el / n_cols;
+    // One block per row (grid.x at most 2^31 - 1) and the row length as an i32.
+    if n_rows > i32::MAX as usize || n_cols > i32::MAX as usize {
+        candle_core::bail!("softmax: {:?} too large for one launch", l.shape());
+    }
     fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         dev: &CudaDevice,
         x: CudaView<T>,
@@ -178,7 +200,9 @@ pub fn softmax_last_dim(st: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         n_cols: usize,
     ) -> Result<CudaSlice<T>> {
         let func = dev.get_or_load_func(&kernel_name::<T>("softmax"), &kernels::REDUCE)?;
-        // SAFETY: the kernel writes every element.
+        // SAFETY: `alloc` leaves the memory uninitialised; y is returned empty (el == 0) or
+        // after candle's softmax kernel wrote every element (block r writes row r's n_cols
+        // elements, for all n_rows == el / n_cols rows); an error drops it unread.
         let y = unsafe { dev.alloc::<T>(el)? };
         if el == 0 {
             return Ok(y);
@@ -193,7 +217,9 @@ pub fn softmax_last_dim(st: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         b.arg(&y);
         let n = n_cols as i32;
         b.arg(&n);
-        // SAFETY: the argument list of candle's softmax kernel.
+        // SAFETY: the argument list of candle's softmax kernel (const T *x, T *dst, i32
+        // ncols) with its launch shape (one 32-thread block per row, as candle-nn launches
+        // it): rows r < n_rows of n_cols elements, within x and y (el each).
         unsafe { b.launch(cfg) }.w()?;
         Ok(y)
     }
@@ -217,6 +243,27 @@ fn gn_cfg(planes: usize, s: usize) -> LaunchConfig {
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
+/// Checks what the GroupNorm kernels index by: `groups` divides `c` (`gn_row`), x (and dy)
+/// hold b*c*s elements, gamma (and beta) c, and the b*c planes fit a grid's x dimension.
+fn gn_check(
+    (b, c, s, groups): (usize, usize, usize, usize),
+    x: usize,
+    params: &[usize],
+    what: &str,
+) -> Result<()> {
+    if groups == 0
+        || !c.is_multiple_of(groups)
+        || x != b * c * s
+        || params.iter().any(|p| *p != c)
+        || b * c > i32::MAX as usize
+    {
+        candle_core::bail!(
+            "{what}: {x} values, {params:?} parameters do not fit {b}x{c}x{s}, {groups} groups"
+        );
+    }
+    Ok(())
+}
+
 /// The per-(b, g) row statistics (4 doubles each; the first two filled: sum x and
 /// sum (x - mean)^2) of GroupNorm's input.
 fn gn_stats<T: CudaDType + DeviceRepr>(
@@ -226,6 +273,10 @@ fn gn_stats<T: CudaDType + DeviceRepr>(
     (b, c, s, groups): (usize, usize, usize, usize),
 ) -> Result<CudaSlice<f64>> {
     let row = dev.alloc_zeros::<f64>(4 * b * groups)?;
+    if b * c * s == 0 {
+        // Nothing to sum; and gn_cfg launches at least one block, which would index plane 0.
+        return Ok(row);
+    }
     let func = dev.get_or_load_custom_func(&format!("gn_stats_{sfx}"), MODULE, ptx::FUSED)?;
     for pass in [0i32, 1] {
         let mut l = func.builder();
@@ -236,7 +287,8 @@ fn gn_stats<T: CudaDType + DeviceRepr>(
         l.arg(&ss);
         l.arg(&gg);
         l.arg(&pass);
-        // SAFETY: argument types and order match gn_stats_* in fused.cu.
+        // SAFETY: argument types and order match gn_stats_* in fused.cu; its indices: x below
+        // b*c*s and row below 4*b*groups (gn_check'ed by the callers: groups divides c).
         unsafe { l.launch(gn_cfg(b * c, s)) }.w()?;
     }
     Ok(row)
@@ -265,7 +317,11 @@ pub fn group_norm_fwd(
     ) -> Result<CudaSlice<T>> {
         let (b, c, s, groups) = geom;
         let n = b * c * s;
-        // SAFETY: the forward kernel writes all n elements.
+        gn_check(geom, x.len(), &[w.len(), bb.len()], "GroupNorm")?;
+        // SAFETY: `alloc` leaves the memory uninitialised; y is returned with one unread
+        // element for n == 0 (the tensor has none), or after gn_fwd wrote all n (block
+        // (plane, chunk) strides j over 0..s for each of the b*c planes); an error drops it
+        // unread.
         let y = unsafe { dev.alloc::<T>(n.max(1))? };
         if n == 0 {
             return Ok(y);
@@ -283,7 +339,9 @@ pub fn group_norm_fwd(
         l.arg(&ss);
         l.arg(&gg);
         l.arg(&eps);
-        // SAFETY: argument types and order match gn_fwd_* in fused.cu.
+        // SAFETY: argument types and order match gn_fwd_* in fused.cu; x and y indexed below
+        // b*c*s, gamma and beta below c, row below 4*b*groups (gn_check above), each y
+        // element written by one thread.
         unsafe { l.launch(gn_cfg(b * c, s)) }.w()?;
         Ok(y)
     }
@@ -322,7 +380,13 @@ pub fn group_norm_bwd(
     ) -> Result<CudaSlice<T>> {
         let (b, c, s, groups) = geom;
         let n = b * c * s;
-        // SAFETY: dx (n elements) and the 2c parameter gradients are all written below.
+        gn_check(geom, x.len(), &[w.len()], "GroupNorm backward")?;
+        if d.len() != n {
+            candle_core::bail!("GroupNorm backward: dy has {} elements, x {n}", d.len());
+        }
+        // SAFETY: `alloc` leaves the memory uninitialised; out is returned after gn_bwd_dx
+        // wrote its first n elements (when n > 0; as gn_fwd covers y) and gn_bwd_params the
+        // last 2c (grid-stride over k < 2c); an error drops it unread.
         let mut out = unsafe { dev.alloc::<T>(n + 2 * c)? };
         let row = gn_stats(dev, &x, sfx, geom)?;
         let chan = dev.alloc_zeros::<f64>(2 * c)?;
@@ -341,7 +405,8 @@ pub fn group_norm_bwd(
             l.arg(&ss);
             l.arg(&gg);
             l.arg(&eps);
-            // SAFETY: argument types and order match gn_bwd_reduce_* in fused.cu.
+            // SAFETY: argument types and order match gn_bwd_reduce_* in fused.cu; x and dy
+            // indexed below n, gamma below c, row below 4*b*groups, chan below 2c.
             unsafe { l.launch(gn_cfg(b * c, s)) }.w()?;
             let func = load("gn_bwd_dx")?;
             let mut dx = out.slice_mut(0..n);
@@ -355,7 +420,8 @@ pub fn group_norm_bwd(
             l.arg(&ss);
             l.arg(&gg);
             l.arg(&eps);
-            // SAFETY: argument types and order match gn_bwd_dx_* in fused.cu.
+            // SAFETY: argument types and order match gn_bwd_dx_* in fused.cu; dx is out's
+            // first n elements, indexed below n like x and dy, each written by one thread.
             unsafe { l.launch(gn_cfg(b * c, s)) }.w()?;
         }
         let func = load("gn_bwd_params")?;
@@ -364,7 +430,8 @@ pub fn group_norm_bwd(
         l.arg(&chan);
         l.arg(&mut params);
         l.arg(&cc);
-        // SAFETY: argument types and order match gn_bwd_params_* in fused.cu.
+        // SAFETY: argument types and order match gn_bwd_params_* in fused.cu; chan and
+        // params (out's last 2c elements) indexed below 2c.
         unsafe { l.launch(launch_cfg(2 * c)) }.w()?;
         Ok(out)
     }

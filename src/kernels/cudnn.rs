@@ -351,6 +351,10 @@ pub fn run<T: ConvDType>(
 ) -> Result<CudaSlice<T>> {
     s.check()?;
     let out_len: usize = s.output(pass).iter().product();
+    // SAFETY: `alloc` leaves the memory uninitialised. `out` is returned empty (out_len == 0)
+    // or after the launch below has written all of it: the output descriptor describes exactly
+    // out_len elements, and with beta == 0 cuDNN writes the whole output without reading it
+    // (its documented contract for beta == 0). Every error path drops it unread.
     let mut out = unsafe { dev.alloc::<T>(out_len)? };
     let (ia, ib) = s.inputs(pass);
     if a.len() < ia.iter().product() || b.len() < ib.iter().product() {
@@ -391,19 +395,25 @@ pub fn run<T: ConvDType>(
         };
         // The workspace for this call; where the memory is not there, the leanest algorithm
         // from now on for this shape.
+        // SAFETY (both allocs): the workspace is cuDNN's scratch memory, uninitialised by
+        // `alloc`; cuDNN writes what it reads of it within the call, and we never read it.
         let (p, mut ws) = match unsafe { dev.alloc::<u8>(p.workspace.max(1)) } {
             Ok(ws) => (p, ws),
             Err(_) => {
                 let lean = plan(&d, s, pass, 0)?;
                 st.plans.insert(key, lean);
+                // SAFETY: as above (a 1-byte workspace for the lean plan, which needs 0).
                 (lean, unsafe { dev.alloc::<u8>(1)? })
             }
         };
         let mut ws = ws.slice_mut(..p.workspace.max(1));
         let one = T::from_f64(1.0);
         let zero = T::from_f64(0.0);
-        // SAFETY: the descriptors describe `a`, `b` and `out` (checked lengths, contiguous
-        // NCHW), and the workspace holds at least what the plan's algorithm asked for.
+        // SAFETY: the descriptors describe `a`, `b` and `out` (contiguous NCHW: `a` and `b`
+        // hold at least the inputs' elements, checked above; `out` exactly the output's), the
+        // workspace slice holds at least what the plan's algorithm asked for (p.workspace
+        // bytes), the scaling factors are T's alpha = 1 and beta = 0, and all of it lives on
+        // `dev`'s stream, on which cuDNN runs (the handle was made with it).
         unsafe {
             match (pass, p.algo) {
                 (Pass::Forward, Algo::Fwd(algo)) => ConvForward {

@@ -48,12 +48,25 @@ pub fn unverified_cuda_paths() -> bool {
 }
 
 /// A raw pointer that parallel loops share to write disjoint elements of one buffer.
+///
+/// Every dereference is `unsafe` and its SAFETY comment must show: the pointer is valid for the
+/// element it touches (inside the allocation, which outlives the parallel loop), and no two
+/// threads touch the same element (each task owns a disjoint set of indices), so each element
+/// is accessed as through its own `&mut T`. That is the access that splitting a `&mut [T]` into
+/// disjoint `&mut` parts hands to other threads, which is `Send` (and so usable from a
+/// shared `Sync` closure) exactly when `T: Send`: a value written by a worker thread ends up
+/// owned by the thread that owns the buffer. Hence the `T: Send` bound on both impls. Reading
+/// one element from several threads at once is not what this type is for (it would need
+/// `T: Sync`); nothing does that.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
-// SAFETY: its users write disjoint elements through it, each at most once, while the buffer
-// outlives the loop.
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
+// SAFETY: see the type's documentation: moving the pointer to another thread only lets that
+// thread (in `unsafe` code that proves disjointness) move `T` values into or out of elements
+// that no other thread touches, which is sound for `T: Send`.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+// SAFETY: a shared `&SendPtr<T>` only gives out copies of the pointer (`get`); what the threads
+// then do with it is the disjoint, per-element exclusive access above, sound for `T: Send`.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
     /// The pointer (a method, so closures capture the `Sync` wrapper, not its field).
@@ -69,6 +82,14 @@ pub fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<T
         DType::BF16 | DType::F16 => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
         _ => f(x),
     }
+}
+
+/// Whether the CPU kernels fill the buffers they allocate without zeroing with NaN before
+/// writing them: under `cfg(test)` they do, so a read before a write shows in the tests' exact
+/// results; `FLUXFLOW_NO_POISON` (set by `scripts/memcheck.sh`) turns that off, so such a read
+/// is a read of never-written memory that valgrind reports. Outside the tests: never.
+pub(crate) fn poison_uninit() -> bool {
+    cfg!(test) && std::env::var_os("FLUXFLOW_NO_POISON").is_none()
 }
 
 /// The part of a CPU storage's data that a contiguous layout describes.

@@ -72,9 +72,10 @@ fn cpu_view(
 /// The bytes of `v[start..start + len]`.
 fn bytes_of<T: Copy>(v: &[T], start: usize, len: usize) -> &[u8] {
     let v = &v[start..start + len];
-    // SAFETY: the slice is valid for `size_of_val(v)` bytes, and the element types used here
-    // (floats and integers) have no padding, so every byte is initialised; u8 needs no
-    // alignment.
+    // SAFETY: `v` is valid for reads of `size_of_val(v)` bytes for the returned lifetime (the
+    // result borrows `v`, so nothing can write it meanwhile). The only callers (`data` below)
+    // pass u8, u32, i16, i32, i64, bf16, f16 (both repr(transparent) over u16), f32 and f64
+    // slices: types without padding, so every byte is initialised; u8 needs no alignment.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 

@@ -2,10 +2,10 @@
 //! forward convolution and the weight gradient as banded im2col + GEMM. Every column buffer holds
 //! at most `COLS_BUDGET` elements.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{Result, Shape};
 use rayon::prelude::*;
-
-use crate::kernels::SendPtr;
 
 use super::Geometry;
 
@@ -54,6 +54,8 @@ where
     let (b, ci, h, wd) = xs;
     let (co, k, oh, ow) = transposed_output(xs, ws, g)?;
     let hw = h * wd;
+    check_len(x, b * ci * hw, "conv_transpose2d input")?;
+    check_len(w, ci * co * k * k, "conv_transpose2d kernel")?;
     let mut out = vec![T::default(); b * co * oh * ow];
     // The columns of output channels c0..c0+cn: W[:, c0*K*K..][Ci, cn*K*K] read transposed,
     // times X_b [Ci, H*W], written by gemm into one buffer reused for every chunk (no transposed
@@ -66,22 +68,16 @@ where
         let out_b = &mut out[bi * co * oh * ow..(bi + 1) * co * oh * ow];
         for c0 in (0..co).step_by(chunk) {
             let cn = chunk.min(co - c0);
-            let cols = &mut cols[..cn * k * k * hw];
-            // SAFETY: cols holds (cn*K*K) x hw; W is ci x kkw with columns c0*K*K.. read as the
-            // transposed (cn*K*K) x ci; xb is ci x hw.
-            unsafe {
-                gemm_into(
-                    (cn * k * k, hw, ci),
-                    cols.as_mut_ptr(),
-                    (hw, 1),
-                    false,
-                    w.as_ptr().add(c0 * k * k),
-                    (1, kkw),
-                    xb.as_ptr(),
-                    (hw, 1),
-                );
-            }
-            let cols = &*cols;
+            // cols (cn*K*K) x hw = W's columns c0*K*K.. (W is ci x kkw) read as the transposed
+            // (cn*K*K) x ci, times xb ci x hw.
+            let cols: &[T] = gemm_fill(
+                (cn * k * k, hw, ci),
+                &mut cols[..cn * k * k * hw],
+                &w[c0 * k * k..],
+                (1, kkw),
+                xb,
+                (hw, 1),
+            );
             out_b[c0 * oh * ow..(c0 + cn) * oh * ow]
                 .par_chunks_mut(oh * ow)
                 .enumerate()
@@ -137,32 +133,12 @@ where
 {
     let (b, ci, h, wd) = xs;
     let (co, k, oh, ow) = transposed_output(xs, ws, g)?;
+    check_len(x, b * ci * h * wd, "conv_transpose2d input")?;
+    check_len(w, ci * co * k * k, "conv_transpose2d kernel")?;
     let ph = Phases::new(g, k, oh, ow);
     let mut out = vec![T::default(); b * co * oh * ow];
     let (ohw, chw) = (oh * ow, ci * h * wd);
-    // The phases' weights [Co, (ci, jy, jx)], gathered in one pass over W (read in order, each
-    // element written to its phase).
-    let mut wr: Vec<Vec<T>> = (0..ph.count())
-        .map(|r| scratch(co * ph.rows(r, ci)))
-        .collect();
-    {
-        let dsts: Vec<SendPtr<T>> = wr.iter_mut().map(|v| SendPtr(v.as_mut_ptr())).collect();
-        let map = ph.tap_map(k, ci);
-        (0..co).into_par_iter().for_each(|o| {
-            for c in 0..ci {
-                let kernel = &w[(c * co + o) * k * k..][..k * k];
-                for &(kidx, r, rows, taps, j) in &map {
-                    // SAFETY: phase r holds co x rows; (o, c, j) is written once.
-                    unsafe {
-                        dsts[r]
-                            .get()
-                            .add(o * rows + c * taps + j)
-                            .write(kernel[kidx])
-                    };
-                }
-            }
-        });
-    }
+    let wr = phase_weights(&ph, w, ci, co, k);
     for r in 0..ph.count() {
         let (ry, rx) = ph.phase(r);
         let (nqy, nqx) = ph.positions(r);
@@ -180,21 +156,16 @@ where
             let out_b = &mut out[bi * co * ohw..(bi + 1) * co * ohw];
             for p0 in (0..npos).step_by(band) {
                 let n = band.min(npos - p0);
-                ph.cols(r, xb, (ci, h, wd), p0..p0 + n, &mut cols[..rows * n]);
-                // SAFETY: tmp holds co x n, wr co x rows, cols rows x n.
-                unsafe {
-                    gemm_into(
-                        (co, n, rows),
-                        tmp.as_mut_ptr(),
-                        (n, 1),
-                        false,
-                        wr.as_ptr(),
-                        (rows, 1),
-                        cols.as_ptr(),
-                        (n, 1),
-                    );
-                }
-                let tmp = &tmp[..co * n];
+                let cols = ph.cols(r, xb, (ci, h, wd), p0..p0 + n, &mut cols[..rows * n]);
+                // tmp co x n = wr co x rows times cols rows x n.
+                let tmp: &[T] = gemm_fill(
+                    (co, n, rows),
+                    &mut tmp[..co * n],
+                    wr,
+                    (rows, 1),
+                    cols,
+                    (n, 1),
+                );
                 out_b
                     .par_chunks_mut(ohw)
                     .zip(tmp.par_chunks(n))
@@ -210,6 +181,55 @@ where
         }
     }
     Ok((out, Shape::from((b, co, oh, ow))))
+}
+
+/// The phases' weights: for each phase r, [Co, (ci, jy, jx)] (Co x `ph.rows(r, ci)`), from
+/// `w` [Ci, Co, K, K] gathered in one pass over W (read in order, each element written to its
+/// phase).
+fn phase_weights<T: candle_core::WithDType + Copy + Send + Sync>(
+    ph: &Phases,
+    w: &[T],
+    ci: usize,
+    co: usize,
+    k: usize,
+) -> Vec<Vec<T>> {
+    let count = ph.count();
+    let mut wr: Vec<Vec<T>> = (0..count).map(|r| output(co * ph.rows(r, ci))).collect();
+    let map = ph.tap_map(k, ci);
+    {
+        // For each output channel o, its rows [o * rows, (o + 1) * rows) of every phase's
+        // buffer, so each parallel task owns the parts it writes.
+        let mut per_o: Vec<Vec<&mut [MaybeUninit<T>]>> =
+            (0..co).map(|_| Vec::with_capacity(count)).collect();
+        for (r, v) in wr.iter_mut().enumerate() {
+            let rows = ph.rows(r, ci);
+            let mut parts = v.spare_capacity_mut()[..co * rows].chunks_mut(rows.max(1));
+            for dst in per_o.iter_mut() {
+                dst.push(if rows == 0 {
+                    &mut []
+                } else {
+                    parts.next().expect("co chunks of rows")
+                });
+            }
+        }
+        per_o.into_par_iter().enumerate().for_each(|(o, mut dst)| {
+            for c in 0..ci {
+                let kernel = &w[(c * co + o) * k * k..][..k * k];
+                for &(kidx, r, _, taps, j) in &map {
+                    dst[r][c * taps + j].write(kernel[kidx]);
+                }
+            }
+        });
+    }
+    for (r, v) in wr.iter_mut().enumerate() {
+        // SAFETY: v has room for co * rows elements (`output`). For each o < co the loop above
+        // wrote, for every c < ci and every map entry of phase r, element
+        // o * rows + c * taps + j of it; `tap_map` asserts that phase r's entries have j
+        // running over all of 0..taps, so with rows == ci * taps that is every element below
+        // co * rows. The parallel loop returned, so all its writes are done.
+        unsafe { v.set_len(co * ph.rows(r, ci)) };
+    }
+    wr
 }
 
 /// The output phases of a transposed convolution (see [`conv_transpose_phases_cpu`]): for each
@@ -296,6 +316,20 @@ impl Phases {
             }
         }
         v.sort_unstable();
+        // Each phase's entries have j = 0..taps, once each (`phase_weights` relies on it).
+        let mut seen: Vec<Vec<bool>> = (0..self.count())
+            .map(|r| vec![false; self.taps(r)])
+            .collect();
+        for &(_, r, _, _, j) in &v {
+            assert!(
+                !std::mem::replace(&mut seen[r][j], true),
+                "tap_map: phase {r} tap {j} twice"
+            );
+        }
+        assert!(
+            seen.iter().flatten().all(|s| *s),
+            "tap_map: a phase's tap is missing"
+        );
         v
     }
 
@@ -319,21 +353,27 @@ impl Phases {
     }
 
     /// Phase r's im2col of one input item `xb` [ci, h, w] for band positions `pos`:
-    /// `dst[(c, jy, jx), p] = x[c, qy + offset_y(jy), qx + offset_x(jx)]`, zero outside.
-    fn cols<T: Copy + Send + Sync + Default>(
+    /// `dst[(c, jy, jx), p] = x[c, qy + offset_y(jy), qx + offset_x(jx)]`, zero outside; every
+    /// element of `dst` (ci * taps x pos.len()) is written, and returned initialised.
+    fn cols<'a, T: Copy + Send + Sync + Default>(
         &self,
         r: usize,
         xb: &[T],
         (ci, h, wd): (usize, usize, usize),
         pos: std::ops::Range<usize>,
-        dst: &mut [T],
-    ) {
+        dst: &'a mut [MaybeUninit<T>],
+    ) -> &'a mut [T] {
         let (ry, rx) = self.phase(r);
         let (ty, tx) = (&self.ty[ry], &self.tx[rx]);
         let (nty, ntx) = (ty.len(), tx.len());
         let (_, nqx) = self.positions(r);
         let n = pos.len();
-        debug_assert_eq!(dst.len(), ci * nty * ntx * n);
+        assert_eq!(
+            dst.len(),
+            ci * nty * ntx * n,
+            "cols: dst is not rows x positions"
+        );
+        let zero = MaybeUninit::new(T::default());
         dst.par_chunks_mut(n.max(1))
             .enumerate()
             .for_each(|(row, dst)| {
@@ -348,16 +388,22 @@ impl Phases {
                     let iy = qy as isize + oy;
                     let (a, z) = (lo.clamp(qx0, qx0 + run), hi.clamp(qx0, qx0 + run));
                     if iy < 0 || iy as usize >= h || a >= z {
-                        seg.fill(T::default());
+                        seg.fill(zero);
                     } else {
                         let src = &plane[iy as usize * wd..][..wd];
-                        seg[..a - qx0].fill(T::default());
+                        seg[..a - qx0].fill(zero);
                         let first = (a as isize + ox) as usize;
-                        seg[a - qx0..z - qx0].copy_from_slice(&src[first..first + z - a]);
-                        seg[z - qx0..].fill(T::default());
+                        seg[a - qx0..z - qx0].write_copy_of_slice(&src[first..first + z - a]);
+                        seg[z - qx0..].fill(zero);
                     }
                 });
             });
+        // SAFETY: the chunks of n (n > 0; for n == 0 dst is empty) cover dst; in each,
+        // `runs` calls back with runs j..j + run that tile 0..n, and each run's `seg` is written
+        // in full: by one fill, or by a fill, a copy of equal length (copy panics otherwise) and
+        // a fill over [0, a - qx0), [a - qx0, z - qx0), [z - qx0, run) with a < z. The parallel
+        // loop returned, so every element of dst is initialised.
+        unsafe { dst.assume_init_mut() }
     }
 }
 
@@ -390,6 +436,8 @@ where
     if yb != b || want != (Some(oh), Some(ow)) {
         candle_core::bail!("conv_transpose2d weight gradient: dy {ys:?} does not fit x {xs:?}");
     }
+    check_len(x, b * ci * h * wd, "conv_transpose2d weight gradient input")?;
+    check_len(dy, b * co * oh * ow, "conv_transpose2d weight gradient dy")?;
     let ph = Phases::new(g, k, oh, ow);
     let mut dw = vec![T::default(); ci * co * k * k];
     let (ohw, chw) = (oh * ow, ci * h * wd);
@@ -399,7 +447,9 @@ where
         let (nqy, nqx) = ph.positions(r);
         let rows = ph.rows(r, ci);
         let npos = nqy * nqx;
-        let mut acc = scratch(co * rows);
+        // dW_r, co x rows: written by the first band's GEMM (its length set then), accumulated
+        // into by the others.
+        let mut acc: Vec<T> = output(co * rows);
         if rows == 0 {
             dwr.push(acc);
             continue;
@@ -407,41 +457,50 @@ where
         let band = (budget / rows.max(1)).clamp(1, npos.max(1));
         let mut cols = scratch(rows * band);
         let mut dyr = scratch(co * band);
-        let mut first = true;
         for bi in 0..b {
             let xb = &x[bi * chw..(bi + 1) * chw];
             let dyb = &dy[bi * co * ohw..(bi + 1) * co * ohw];
             for p0 in (0..npos).step_by(band) {
                 let n = band.min(npos - p0);
-                ph.cols(r, xb, (ci, h, wd), p0..p0 + n, &mut cols[..rows * n]);
-                dyr[..co * n]
-                    .par_chunks_mut(n)
-                    .enumerate()
-                    .for_each(|(o, dst)| {
-                        let plane = &dyb[o * ohw..(o + 1) * ohw];
-                        ph.runs(nqx, p0..p0 + n, |j, qy, qx0, run| {
-                            let src = &plane[(qy * g.stride + ry) * ow..][..ow];
-                            for (q, v) in dst[j..j + run].iter_mut().enumerate() {
-                                *v = src[(qx0 + q) * g.stride + rx];
-                            }
-                        });
+                let cols = ph.cols(r, xb, (ci, h, wd), p0..p0 + n, &mut cols[..rows * n]);
+                let dyr = &mut dyr[..co * n];
+                dyr.par_chunks_mut(n).enumerate().for_each(|(o, dst)| {
+                    let plane = &dyb[o * ohw..(o + 1) * ohw];
+                    ph.runs(nqx, p0..p0 + n, |j, qy, qx0, run| {
+                        let src = &plane[(qy * g.stride + ry) * ow..][..ow];
+                        for (q, v) in dst[j..j + run].iter_mut().enumerate() {
+                            v.write(src[(qx0 + q) * g.stride + rx]);
+                        }
                     });
-                // SAFETY: acc holds co x rows, dyr co x n, cols rows x n read transposed.
-                unsafe {
+                });
+                // SAFETY: n >= 1 (band >= 1, p0 < npos); the chunks of n cover dyr (co * n
+                // elements); in each, the runs j..j + run tile 0..n and every element of each
+                // run is written. The parallel loop returned.
+                let dyr: &[T] = unsafe { dyr.assume_init_mut() };
+                // acc co x rows (+)= dyr co x n times cols rows x n read transposed.
+                if acc.is_empty() {
+                    let len = co * rows;
+                    let dst = &mut acc.spare_capacity_mut()[..len];
+                    gemm_fill((co, rows, n), dst, dyr, (n, 1), cols, (1, n));
+                    // SAFETY: gemm_fill returned its co * rows elements (acc's first co * rows,
+                    // within its capacity) initialised.
+                    unsafe { acc.set_len(len) };
+                } else {
                     gemm_into(
                         (co, rows, n),
-                        acc.as_mut_ptr(),
-                        (rows, 1),
-                        !first,
-                        dyr.as_ptr(),
+                        &mut acc,
+                        rows,
+                        true,
+                        dyr,
                         (n, 1),
-                        cols.as_ptr(),
+                        cols,
                         (1, n),
                     );
                 }
-                first = false;
             }
         }
+        // No band at all (an empty batch): dW_r is zero.
+        acc.resize(co * rows, T::default());
         dwr.push(acc);
     }
     {
@@ -460,31 +519,231 @@ where
     Ok(dw)
 }
 
-/// A buffer of `n` elements that its user writes in full before reading any (a column band
-/// filled by im2col, a GEMM's output written without reading it): no zeroing pass, which for
-/// the column buffers (up to `COLS_BUDGET` elements per call) was a few percent of a step.
-/// This is how candle allocates its own CPU outputs (`alloc_uninit`).
-// The same as candle's `alloc_uninit` for CPU storage (clippy's `uninit_vec`): the elements are
-// plain floats and every one is written (by a copy, a fill or gemm without reading its output)
-// before it is read.
-#[allow(clippy::uninit_vec)]
-fn scratch<T: candle_core::WithDType>(n: usize) -> Vec<T> {
-    // The unit tests fill it with NaN, so a read before a write shows in their exact results.
-    if cfg!(test) {
-        return vec![T::from_f64(f64::NAN); n];
+/// An error unless `v` holds `n` elements (what its shape says).
+fn check_len<T>(v: &[T], n: usize, what: &str) -> Result<()> {
+    if v.len() != n {
+        candle_core::bail!("{what}: {} elements where its shape has {n}", v.len());
     }
+    Ok(())
+}
+
+/// A buffer of `n` elements, not zeroed (for the column buffers, up to `COLS_BUDGET` elements
+/// per call, zeroing was a few percent of a step): its writers (im2col, the GEMMs that do not
+/// read their output) take its elements as `MaybeUninit` and hand back, as `&mut [T]`, only
+/// what they wrote in full, so no element is read before it is written.
+fn scratch<T: candle_core::WithDType>(n: usize) -> Box<[MaybeUninit<T>]> {
+    // The unit tests fill it with NaN, so a read before a write shows in their exact results.
+    if crate::kernels::poison_uninit() {
+        return vec![MaybeUninit::new(T::from_f64(f64::NAN)); n].into_boxed_slice();
+    }
+    Box::new_uninit_slice(n)
+}
+
+/// An empty vector with room for `n` elements, for an output whose elements are written
+/// through its spare capacity before its length is set (NaN in that spare capacity under the
+/// unit tests, as for [`scratch`]).
+fn output<T: candle_core::WithDType>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
-    // SAFETY: T is a plain float (Copy, no drop, every bit pattern valid); the callers write
-    // every element before reading it (see each call).
-    unsafe { v.set_len(n) };
+    if crate::kernels::poison_uninit() {
+        v.spare_capacity_mut()[..n].fill(MaybeUninit::new(T::from_f64(f64::NAN)));
+    }
     v
+}
+
+/// Whether a `rows` x `cols` matrix with strides (`rs`, `cs`) in elements lies within a buffer
+/// of `len` elements starting at its first element: its last element's offset
+/// `(rows - 1) * rs + (cols - 1) * cs` is below `len` (an empty matrix touches nothing).
+fn fits(len: usize, (rows, cols): (usize, usize), (rs, cs): (usize, usize)) -> bool {
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    (rows - 1)
+        .checked_mul(rs)
+        .zip((cols - 1).checked_mul(cs))
+        .and_then(|(a, b)| a.checked_add(b))
+        .is_some_and(|last| last < len)
+}
+
+/// `dst (+)= lhs x rhs` through gemm: `dst` m x n with row stride `dst_rs` (columns
+/// contiguous), `lhs` m x k, `rhs` k x n, strides in elements (row, column). `read_dst` false:
+/// `dst` is written without being read.
+///
+/// # Safety
+/// `dst` must be valid for reads (when `read_dst`) and writes of the m x n elements
+/// `dst[i * dst_rs + j]`, which must be initialised when `read_dst`, and no other thread may
+/// access them during the call; `lhs` and `rhs` must be valid for reads of every element of
+/// their matrices, initialised, and not written during the call (they may not overlap `dst`'s
+/// elements). `dst_rs >= n` (or m <= 1), so the elements are distinct.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: 'static + candle_core::WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    read_dst: bool,
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    // SAFETY: the caller's contract is gemm's. gemm (0.19) with `read_dst` false sets its
+    // `alpha` to zero, and every path of gemm-common's `gemm_basic_generic` then stores into
+    // dst without loading it (the k == 0 path writes zeros; gevv, gemv and the microkernels
+    // take their alpha == 0 branch), so an uninitialised dst is never read. Its Rayon tasks
+    // write disjoint tiles of dst: the elements are distinct (dst_rs >= n, column stride 1).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            read_dst,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::from_f64(if read_dst { 1.0 } else { 0.0 }),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        )
+    }
+}
+
+/// Checks the operands of a GEMM against their slices (panics if one does not fit).
+#[allow(clippy::too_many_arguments)]
+fn check_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst_len: usize,
+    dst_rs: usize,
+    lhs_len: usize,
+    lhs_strides: (usize, usize),
+    rhs_len: usize,
+    rhs_strides: (usize, usize),
+) {
+    assert!(m <= 1 || dst_rs >= n, "gemm: overlapping rows of dst");
+    assert!(
+        fits(dst_len, (m, n), (dst_rs, 1)),
+        "gemm: dst out of bounds"
+    );
+    assert!(
+        fits(lhs_len, (m, k), lhs_strides),
+        "gemm: lhs out of bounds"
+    );
+    assert!(
+        fits(rhs_len, (k, n), rhs_strides),
+        "gemm: rhs out of bounds"
+    );
+}
+
+/// `dst (+)= lhs x rhs` (accumulating when `accumulate`), `dst` m x n with row stride `dst_rs`
+/// (columns contiguous) at the start of `dst`, `lhs` m x k and `rhs` k x n with strides in
+/// elements (row, column); panics if a matrix does not fit its slice.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: 'static + candle_core::WithDType>(
+    mnk: (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[T],
+    lhs_strides: (usize, usize),
+    rhs: &[T],
+    rhs_strides: (usize, usize),
+) {
+    check_gemm(
+        mnk,
+        dst.len(),
+        dst_rs,
+        lhs.len(),
+        lhs_strides,
+        rhs.len(),
+        rhs_strides,
+    );
+    // SAFETY: every matrix lies within its slice (checked above), so each pointer is valid for
+    // its elements; the slices are initialised; `dst` is borrowed exclusively, so no other
+    // thread touches it and it overlaps neither `lhs` nor `rhs`, which are borrowed shared (not
+    // written during the call); dst's elements are distinct (checked).
+    unsafe {
+        gemm_raw(
+            mnk,
+            dst.as_mut_ptr(),
+            dst_rs,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides,
+            rhs.as_ptr(),
+            rhs_strides,
+        )
+    }
+}
+
+/// `dst[i * dst_rs + j] = (lhs x rhs)[i, j]` for the m x n product, writing those elements of
+/// `dst` (possibly uninitialised) without reading them; panics if a matrix does not fit its
+/// slice. The other elements of `dst` are left as they were.
+#[allow(clippy::too_many_arguments)]
+fn gemm_write<T: 'static + candle_core::WithDType>(
+    mnk: (usize, usize, usize),
+    dst: &mut [MaybeUninit<T>],
+    dst_rs: usize,
+    lhs: &[T],
+    lhs_strides: (usize, usize),
+    rhs: &[T],
+    rhs_strides: (usize, usize),
+) {
+    check_gemm(
+        mnk,
+        dst.len(),
+        dst_rs,
+        lhs.len(),
+        lhs_strides,
+        rhs.len(),
+        rhs_strides,
+    );
+    // SAFETY: as in `gemm_into`, with `read_dst` false: gemm only writes dst's elements (never
+    // reads them), so they need not be initialised; writing a `T` into a `MaybeUninit<T>` is
+    // always valid.
+    unsafe {
+        gemm_raw(
+            mnk,
+            dst.as_mut_ptr().cast::<T>(),
+            dst_rs,
+            false,
+            lhs.as_ptr(),
+            lhs_strides,
+            rhs.as_ptr(),
+            rhs_strides,
+        )
+    }
+}
+
+/// [`gemm_write`] of the whole of `dst`, m x n contiguous (`dst.len() == m * n`), returned
+/// initialised.
+fn gemm_fill<'a, T: 'static + candle_core::WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &'a mut [MaybeUninit<T>],
+    lhs: &[T],
+    lhs_strides: (usize, usize),
+    rhs: &[T],
+    rhs_strides: (usize, usize),
+) -> &'a mut [T] {
+    assert_eq!(dst.len(), m * n, "gemm: dst is not m x n");
+    gemm_write((m, n, k), dst, n, lhs, lhs_strides, rhs, rhs_strides);
+    // SAFETY: gemm_write returned, having written every element (i, j), i < m, j < n, at
+    // i * n + j: that is each index below m * n == dst.len() once.
+    unsafe { dst.assume_init_mut() }
 }
 
 /// Part of the im2col matrix of one input item `xb` [C, H, W] for a convolution of kernel
 /// `kk` and output width `ow`: rows `rows` (of C*kk*kk, ordered (c, ky, kx)) by output positions
-/// `pos` (of OH*OW), row-major into `out` (rows.len() x pos.len()); zeros outside the input.
+/// `pos` (of OH*OW), row-major into the first rows.len() x pos.len() elements of `out`; zeros
+/// outside the input. Returns those elements, every one written.
 #[allow(clippy::too_many_arguments)]
-fn im2col_into<T: Copy + Send + Sync + Default>(
+fn im2col_into<'a, T: Copy + Send + Sync + Default>(
     xb: &[T],
     (h, wd): (usize, usize),
     kk: usize,
@@ -492,12 +751,13 @@ fn im2col_into<T: Copy + Send + Sync + Default>(
     g: Geometry,
     rows: std::ops::Range<usize>,
     pos: std::ops::Range<usize>,
-    out: &mut [T],
-) {
+    out: &'a mut [MaybeUninit<T>],
+) -> &'a mut [T] {
     let np = pos.len();
     let (st, d, pad) = (g.stride, g.dilation, g.padding as isize);
-    out[..rows.len() * np]
-        .par_chunks_mut(np)
+    let zero = MaybeUninit::new(T::default());
+    let out = &mut out[..rows.len() * np];
+    out.par_chunks_mut(np.max(1))
         .enumerate()
         .for_each(|(i, orow)| {
             let row = rows.start + i;
@@ -525,63 +785,36 @@ fn im2col_into<T: Copy + Send + Sync + Default>(
                 let iy = (oy * st + ky * d) as isize - pad;
                 let (lo, hi) = (ox_lo.clamp(ox0, ox0 + run), ox_hi.clamp(ox0, ox0 + run));
                 if iy < 0 || iy as usize >= h || lo >= hi {
-                    dst.fill(T::default());
+                    dst.fill(zero);
                 } else {
                     let src = &plane[iy as usize * wd..][..wd];
-                    dst[..lo - ox0].fill(T::default());
-                    let first = (lo * st) as isize + off;
+                    dst[..lo - ox0].fill(zero);
+                    let first = ((lo * st) as isize + off) as usize;
                     let mid = &mut dst[lo - ox0..hi - ox0];
                     if st == 1 {
-                        mid.copy_from_slice(&src[first as usize..][..hi - lo]);
+                        mid.write_copy_of_slice(&src[first..][..hi - lo]);
                     } else {
-                        for (o, v) in mid.iter_mut().zip(src[first as usize..].iter().step_by(st)) {
-                            *o = *v;
+                        // The zip below must not stop early: src holds the last input column.
+                        assert!(
+                            first + (hi - lo - 1) * st < wd,
+                            "im2col: column out of range"
+                        );
+                        for (o, v) in mid.iter_mut().zip(src[first..].iter().step_by(st)) {
+                            o.write(*v);
                         }
                     }
-                    dst[hi - ox0..].fill(T::default());
+                    dst[hi - ox0..].fill(zero);
                 }
                 j += run;
                 p += run;
             }
         });
-}
-
-/// `dst[m x n] (+)= lhs[m x k] x rhs[k x n]` through gemm, strides in elements (row, column).
-///
-/// # Safety
-/// Each matrix must lie within its allocation for the given shape and strides.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into<T: 'static + candle_core::WithDType>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::from_f64(if accumulate { 1.0 } else { 0.0 }),
-        T::from_f64(1.0),
-        false,
-        false,
-        false,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
-    )
+    // SAFETY: the chunks of np (np > 0; for np == 0 `out` is empty) cover `out`; in each, the
+    // runs j..j + run tile 0..np (run >= 1) and each run's `dst` is written in full: by one
+    // fill, or by fills of [0, lo - ox0) and [hi - ox0, run) around `mid` (lo < hi), which a
+    // copy of equal length (it panics otherwise) or the zip writes element by element (src
+    // yields at least mid.len() elements: asserted). The parallel loop returned.
+    unsafe { out.assume_init_mut() }
 }
 
 /// y [B, K, OH, OW] = conv(x, w) on the CPU: for each batch item, `y_b = W [K, C*kk*kk] x cols`
@@ -626,55 +859,66 @@ where
     let (pos_bands, row_bands) = (npos.div_ceil(pos_band), ckk.div_ceil(row_band));
     let by_rows =
         by_rows.unwrap_or(pos_bands > 1 && (row_bands - 1) * 2 * npos < (pos_bands - 1) * ckk);
-    let mut y = scratch(b * k * npos);
-    // Written by im2col before each GEMM reads it.
+    check_len(x, b * c * h * wd, "conv2d input")?;
+    check_len(w, k * ckk, "conv2d kernel")?;
+    let shape = Shape::from((b, k, oh, ow));
+    if ckk == 0 || k * npos == 0 {
+        // No input channel: no band writes y, which is zero. (Or y is empty.)
+        return Ok((vec![T::default(); b * k * npos], shape));
+    }
+    // Written through its spare capacity by the GEMMs, its length set once all of it is.
+    let mut y: Vec<T> = output(b * k * npos);
     let mut cols = scratch(if by_rows {
         row_band * npos
     } else {
         ckk * pos_band
     });
-    for bi in 0..b {
+    for (bi, yb) in y.spare_capacity_mut()[..b * k * npos]
+        .chunks_mut(k * npos)
+        .enumerate()
+    {
         let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
-        let yb = &mut y[bi * k * npos..(bi + 1) * k * npos];
         if by_rows {
+            // The first band (r0 = 0) writes all of yb k x npos; the others accumulate into it.
+            let mut yb_init: Option<&mut [T]> = None;
             for r0 in (0..ckk).step_by(row_band) {
                 let n = row_band.min(ckk - r0);
-                im2col_into(xb, (h, wd), kk, ow, g, r0..r0 + n, 0..npos, &mut cols);
-                // SAFETY: yb holds k x npos, w k x ckk (columns r0..r0+n read), cols n x npos.
-                unsafe {
-                    gemm_into(
+                let cols = im2col_into(xb, (h, wd), kk, ow, g, r0..r0 + n, 0..npos, &mut cols);
+                // yb k x npos (+)= w k x ckk (columns r0..r0+n) times cols n x npos.
+                let lhs = &w[r0..];
+                match yb_init.as_deref_mut() {
+                    None => {
+                        let dst = &mut *yb;
+                        yb_init =
+                            Some(gemm_fill((k, npos, n), dst, lhs, (ckk, 1), cols, (npos, 1)));
+                    }
+                    Some(dst) => gemm_into(
                         (k, npos, n),
-                        yb.as_mut_ptr(),
-                        (npos, 1),
-                        r0 > 0,
-                        w.as_ptr().add(r0),
+                        dst,
+                        npos,
+                        true,
+                        lhs,
                         (ckk, 1),
-                        cols.as_ptr(),
+                        cols,
                         (npos, 1),
-                    );
+                    ),
                 }
             }
             continue;
         }
         for p0 in (0..npos).step_by(pos_band) {
             let n = pos_band.min(npos - p0);
-            im2col_into(xb, (h, wd), kk, ow, g, 0..ckk, p0..p0 + n, &mut cols);
-            // SAFETY: yb holds k x npos (columns p0..p0+n written), w k x ckk, cols ckk x n.
-            unsafe {
-                gemm_into(
-                    (k, n, ckk),
-                    yb.as_mut_ptr().add(p0),
-                    (npos, 1),
-                    false,
-                    w.as_ptr(),
-                    (ckk, 1),
-                    cols.as_ptr(),
-                    (n, 1),
-                );
-            }
+            let cols = im2col_into(xb, (h, wd), kk, ow, g, 0..ckk, p0..p0 + n, &mut cols);
+            // yb's columns p0..p0+n (k x n, row stride npos) = w k x ckk times cols ckk x n.
+            gemm_write((k, n, ckk), &mut yb[p0..], npos, w, (ckk, 1), cols, (n, 1));
         }
     }
-    Ok((y, Shape::from((b, k, oh, ow))))
+    // SAFETY: y has room for b * k * npos elements, split into b chunks yb of k * npos > 0 (one
+    // per batch item, all visited). By rows: ckk > 0, so the band r0 = 0 ran and gemm_fill wrote
+    // all of yb. By positions: the bands p0..p0 + n tile 0..npos and each wrote the k x n
+    // block of yb at (0, p0), row stride npos: every element of yb. The GEMMs have returned.
+    unsafe { y.set_len(b * k * npos) };
+    Ok((y, shape))
 }
 
 /// dW [K, C, kk, kk] of `y = conv(x, w)` on the CPU: for each batch item and band of
@@ -700,6 +944,8 @@ where
     }
     let ckk = c * kk * kk;
     let inner = oh * ow;
+    check_len(x, b * c * h * wd, "conv2d weight gradient input")?;
+    check_len(dy, b * k * inner, "conv2d weight gradient dy")?;
     let band = (COLS_BUDGET / inner.max(1)).clamp(1, ckk.max(1));
     let mut dw = vec![T::default(); k * ckk];
     let mut cols = scratch(band * inner);
@@ -708,21 +954,20 @@ where
         let yb = &dy[bi * k * inner..(bi + 1) * k * inner];
         for r0 in (0..ckk).step_by(band) {
             let n = band.min(ckk - r0);
-            im2col_into(xb, (h, wd), kk, ow, g, r0..r0 + n, 0..inner, &mut cols);
-            // SAFETY: dw holds k x ckk (columns r0..r0+n accumulated), yb k x inner, cols
+            let cols = im2col_into(xb, (h, wd), kk, ow, g, r0..r0 + n, 0..inner, &mut cols);
+            // dw's columns r0..r0+n (k x n, row stride ckk) += yb k x inner times cols
             // n x inner read transposed.
-            unsafe {
-                gemm_into(
-                    (k, n, inner),
-                    dw.as_mut_ptr().add(r0),
-                    (ckk, 1),
-                    true,
-                    yb.as_ptr(),
-                    (inner, 1),
-                    cols.as_ptr(),
-                    (1, inner),
-                );
-            }
+            let dst = &mut dw[r0..];
+            gemm_into(
+                (k, n, inner),
+                dst,
+                ckk,
+                true,
+                yb,
+                (inner, 1),
+                cols,
+                (1, inner),
+            );
         }
     }
     Ok(dw)
@@ -993,6 +1238,39 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_batch_or_no_channels_gives_zeros() {
+        let g = |stride| Geometry {
+            padding: 0,
+            stride,
+            dilation: 1,
+            output_padding: (0, 0),
+        };
+        // No batch item: no band runs to write the phases' sums, and dW is zero.
+        let dw = conv_transpose_weight_grad_cpu::<f64>(
+            &[],
+            (0, 2, 3, 3),
+            &[],
+            (0, 3, 7, 7),
+            3,
+            g(2),
+            COLS_BUDGET,
+        )
+        .unwrap();
+        assert_eq!(dw, vec![0.0; 2 * 3 * 3 * 3]);
+        // No input channel: no band of im2col rows, and y is zero.
+        for by_rows in [None, Some(true), Some(false)] {
+            let (y, shape) =
+                conv2d_cpu::<f64>(&[], (2, 0, 4, 4), &[], (3, 0, 3, 3), g(1), 7, by_rows).unwrap();
+            assert_eq!(shape.dims(), &[2, 3, 2, 2]);
+            assert_eq!(y, vec![0.0; 2 * 3 * 2 * 2]);
+        }
+        // No output channel: an empty y.
+        let (y, _) =
+            conv2d_cpu::<f64>(&[0.0; 32], (2, 1, 4, 4), &[], (0, 1, 3, 3), g(1), 7, None).unwrap();
+        assert!(y.is_empty());
+    }
+
+    #[test]
     fn im2col_matches_its_definition_for_any_band_of_rows_and_positions() {
         // (kernel, stride, padding, dilation) over a 3 x 7 x 9 input; bands that start and end
         // inside output rows, as the column budget cuts them on large layers.
@@ -1021,8 +1299,10 @@ mod tests {
                 (2..3, npos / 2..npos),
                 (0..nrows, ow.saturating_sub(1)..npos.min(ow + 1)),
             ] {
-                let mut out = vec![f64::NAN; rows.len() * pos.len()];
-                im2col_into(&xb, (h, wd), kk, ow, g, rows.clone(), pos.clone(), &mut out);
+                // One element more than the band: im2col writes only the band's.
+                let mut buf = scratch::<f64>(rows.len() * pos.len() + 1);
+                let out = im2col_into(&xb, (h, wd), kk, ow, g, rows.clone(), pos.clone(), &mut buf);
+                assert_eq!(out.len(), rows.len() * pos.len());
                 for (i, r) in rows.clone().enumerate() {
                     for (j, p) in pos.clone().enumerate() {
                         assert_eq!(

@@ -20,6 +20,8 @@
 //! ([`crate::kernels::unverified_cuda_paths`]); otherwise CUDA tensors take the tensor
 //! expressions (`update` returns `Ok(false)`, `ema` and `sum_squares` `None`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
@@ -120,9 +122,14 @@ struct Update<'a, T, F> {
     /// The gradient's factor (clipping), if it is scaled.
     scale: Option<T>,
     buffers: [Option<&'a [T]>; MAX_BUFFERS],
+    /// The new buffers' storage: `n_buffers` vectors with room for `grad.len()` elements each,
+    /// written through these pointers (their spare capacity).
     outputs: [SendPtr<T>; MAX_BUFFERS],
     n_buffers: usize,
     f: F,
+    /// Set once `cpu_fwd` has written every element of every output: until then the outputs'
+    /// lengths must stay 0.
+    wrote_all: AtomicBool,
 }
 
 impl<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync> InplaceOp1 for Update<'_, T, F> {
@@ -145,6 +152,8 @@ impl<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync> InplaceOp1 for Upd
             );
         }
         let zero = T::zero();
+        // Chunk c covers indices c * CHUNK .. c * CHUNK + pc.len(): the chunks tile 0..n, with
+        // n == p.len() == grad.len(), the outputs' capacity (`update_as`).
         p.par_chunks_mut(CHUNK).enumerate().for_each(|(c, pc)| {
             let off = c * CHUNK;
             for (j, pv) in pc.iter_mut().enumerate() {
@@ -161,11 +170,17 @@ impl<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync> InplaceOp1 for Upd
                 }
                 *pv = (self.f)(*pv, g, &mut b);
                 for (v, dst) in b.iter().zip(&self.outputs[..self.n_buffers]) {
-                    // SAFETY: each output has room for every element; each i is written once.
+                    // SAFETY: each of the n_buffers outputs points to a vector's buffer with
+                    // room for n elements (`update_as`, which keeps the vectors alive, unmoved
+                    // and unread until this op has returned) and i < n; i belongs to this
+                    // chunk alone, so no other thread touches element i of any output. T is
+                    // Copy (no drop of the uninitialised old value is skipped or needed).
                     unsafe { dst.get().add(i).write(*v) };
                 }
             }
         });
+        // The parallel loop returned: every i < n of every output is written.
+        self.wrote_all.store(true, Ordering::Release);
         Ok(())
     }
 }
@@ -252,6 +267,8 @@ fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
         }
         let mut ptrs = [SendPtr(std::ptr::null_mut()); MAX_BUFFERS];
         for (k, o) in outputs.iter_mut().enumerate() {
+            // Valid for writes of the whole capacity (n elements); `as_mut_ptr` makes no
+            // reference to the (empty) slice, so later uses of `o` do not invalidate it.
             ptrs[k] = SendPtr(o.as_mut_ptr());
         }
         let op = Update {
@@ -261,11 +278,22 @@ fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
             outputs: ptrs,
             n_buffers: names.len(),
             f,
+            wrote_all: AtomicBool::new(false),
         };
+        // `cpu_fwd` writes elements 0..g.len() of the outputs (and fails unless the parameter
+        // has as many): that must be their capacity n. (It is: grad has param's shape.)
+        if g.len() != n {
+            return Ok(false);
+        }
         param.inplace_op1(&op)?;
+        if !op.wrote_all.load(Ordering::Acquire) {
+            candle_core::bail!("fused update: the CPU loop did not run");
+        }
     }
     for (name, mut out) in names.iter().zip(outputs) {
-        // SAFETY: the update wrote all n elements of every output.
+        // SAFETY: `wrote_all` is set only after cpu_fwd's loop wrote elements 0..g.len() of
+        // every output, and g.len() == n (both are the parameter's element count); out has
+        // capacity n.
         unsafe { out.set_len(n) };
         buffers.insert(name, Tensor::from_vec(out, param.shape(), &Device::Cpu)?);
     }
@@ -307,20 +335,21 @@ fn ema_as<T: Elem>(
         let (Some(s), Some(p)) = (slice_of::<T>(&ss, sl), slice_of::<T>(&ps, pl)) else {
             return Ok(None);
         };
+        if s.len() != n || p.len() != n {
+            return Ok(None);
+        }
         let (d, k, zero) = (T::from_f64(decay), T::from_f64(1.0 - decay), T::zero());
-        let dst = SendPtr(out.as_mut_ptr());
-        (0..n.div_ceil(CHUNK)).into_par_iter().for_each(|c| {
-            for i in c * CHUNK..((c + 1) * CHUNK).min(n) {
-                // SAFETY: out has room for n elements; each i is written once.
-                unsafe {
-                    dst.get()
-                        .add(i)
-                        .write(affine(s[i], d, zero) + affine(p[i], k, zero))
-                };
-            }
-        });
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(s.par_chunks(CHUNK).zip(p.par_chunks(CHUNK)))
+            .for_each(|(oc, (sc, pc))| {
+                for ((o, &s), &p) in oc.iter_mut().zip(sc).zip(pc) {
+                    o.write(affine(s, d, zero) + affine(p, k, zero));
+                }
+            });
     }
-    // SAFETY: all n elements were written above.
+    // SAFETY: s and p hold n elements each (checked above), so the three chunkings agree and every chunk of out's first n spare elements is zipped with
+    // chunks of s and p of its length, and written element by element; the loop returned.
     unsafe { out.set_len(n) };
     Ok(Some(Tensor::from_vec(out, shadow.shape(), &Device::Cpu)?))
 }
@@ -379,7 +408,9 @@ fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{AdamConfig, AdamWConfig, Buffers, RmsPropConfig, UpdateRule};
+    use super::super::{
+        AdamConfig, AdamWConfig, Buffers, LionConfig, RmsPropConfig, SgdConfig, UpdateRule,
+    };
     use candle_core::{DType, Device, Tensor, Var};
 
     /// Bits of every element, to compare results exactly (NaN included).
@@ -533,6 +564,137 @@ mod tests {
         let p16 = Var::from_tensor(&Tensor::ones(4, DType::BF16, &dev).unwrap()).unwrap();
         let g16 = Tensor::ones(4, DType::BF16, &dev).unwrap();
         assert!(!rule.update_fused(0.1, 1, &p16, &g16, None, &mut b).unwrap());
+    }
+
+    /// Three steps of `rule` (gradients zero, random, zero) from parameters that include +0
+    /// and -0, once with +0 and once with -0 for the zero gradients, through the tensor
+    /// expressions and (where the rule has it) the fused loop with and without a scale: the
+    /// parameters must come out bit for bit the same, the buffers equal in value (a buffer may
+    /// keep the zero's sign). This is what lets the vendored candle-core store a first gradient
+    /// `g` as it is where upstream stored `0 + g`, which turned -0 into +0
+    /// (vendor/README.md).
+    fn zero_sign_is_irrelevant<R: UpdateRule>(rule: &R, dtype: DType) {
+        let dev = Device::Cpu;
+        let n = 4 * 1000;
+        let p0 = Tensor::new(&[0.0f64, -0.0, 0.5, -0.25], &dev)
+            .unwrap()
+            .repeat(1000)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let pos = Tensor::zeros(n, dtype, &dev).unwrap();
+        let neg = pos.neg().unwrap();
+        assert!(bits(&neg).iter().all(|b| *b != 0), "-0 has its sign bit");
+        let r = Tensor::randn(0f32, 1.0, n, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = |zero: &Tensor, fused: Option<Option<f64>>| {
+            let v = Var::from_tensor(&p0).unwrap();
+            let mut b = Buffers::new();
+            let mut out = Vec::new();
+            for (step, g) in [zero, &r, zero].into_iter().enumerate() {
+                let (step, lr) = (step as u64 + 1, 1e-3);
+                match fused {
+                    None => {
+                        let new = rule.update(lr, step, &v.as_tensor().detach(), g, &mut b);
+                        v.set(&new.unwrap()).unwrap();
+                    }
+                    Some(scale) => {
+                        assert!(rule.update_fused(lr, step, &v, g, scale, &mut b).unwrap())
+                    }
+                }
+                let buffers: Vec<Vec<f64>> = b
+                    .values()
+                    .map(|t| t.to_dtype(DType::F64).unwrap().to_vec1().unwrap())
+                    .collect();
+                out.push((bits(v.as_tensor()), buffers));
+            }
+            out
+        };
+        let probe = Var::from_tensor(&p0).unwrap();
+        let has_fused = rule
+            .update_fused(0.0, 1, &probe, &pos, None, &mut Buffers::new())
+            .unwrap();
+        let mut paths = vec![None];
+        if has_fused {
+            paths.extend([Some(None), Some(Some(0.37))]);
+        }
+        for path in paths {
+            let (a, b) = (run(&pos, path), run(&neg, path));
+            for (step, (a, b)) in a.iter().zip(&b).enumerate() {
+                let what = format!("{:?} {dtype:?} {path:?} step {}", rule.to_spec(), step + 1);
+                assert_eq!(a.0, b.0, "{what}: parameters");
+                assert_eq!(a.1, b.1, "{what}: buffers");
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_gradients_sign_changes_no_update() {
+        let rms = |momentum, centered, weight_decay| RmsPropConfig {
+            lr: 1e-3,
+            alpha: 0.95,
+            eps: 1e-8,
+            weight_decay,
+            momentum,
+            centered,
+        };
+        for dtype in [DType::F32, DType::F64] {
+            for (m, c, wd) in [(0.9, true, 0.0), (0.0, false, 0.0), (0.9, false, 0.01)] {
+                zero_sign_is_irrelevant(&rms(m, c, wd), dtype);
+            }
+            zero_sign_is_irrelevant(
+                &RmsPropConfig {
+                    alpha: 0.4,
+                    ..rms(0.5, true, 0.01)
+                },
+                dtype,
+            );
+            for (betas, wd, amsgrad) in [((0.9, 0.999), 0.0, false), ((0.3, 0.9), 0.1, true)] {
+                let adam = AdamConfig {
+                    lr: 1e-3,
+                    betas,
+                    eps: 1e-8,
+                    weight_decay: wd,
+                    amsgrad,
+                };
+                zero_sign_is_irrelevant(&adam, dtype);
+                let adamw = AdamWConfig {
+                    lr: 1e-3,
+                    betas,
+                    eps: 1e-8,
+                    weight_decay: wd,
+                    amsgrad,
+                };
+                zero_sign_is_irrelevant(&adamw, dtype);
+            }
+            for (momentum, dampening, weight_decay, nesterov) in [
+                (0.0, 0.0, 0.0, false),
+                (0.9, 0.0, 0.0, false),
+                (0.9, 0.1, 0.01, false),
+                (0.9, 0.0, 0.01, true),
+            ] {
+                let sgd = SgdConfig {
+                    lr: 1e-3,
+                    momentum,
+                    dampening,
+                    weight_decay,
+                    nesterov,
+                };
+                zero_sign_is_irrelevant(&sgd, dtype);
+            }
+            for (weight_decay, decoupled_weight_decay) in [(0.0, false), (0.1, false), (0.1, true)]
+            {
+                let lion = LionConfig {
+                    lr: 1e-4,
+                    betas: (0.9, 0.99),
+                    weight_decay,
+                    decoupled_weight_decay,
+                };
+                zero_sign_is_irrelevant(&lion, dtype);
+            }
+        }
     }
 
     #[test]

@@ -24,10 +24,14 @@ use crate::kernels::cuda_view;
 
 const MODULE: &str = "fluxflow_optim";
 
-// SAFETY: #[repr(C)] structs of f64s and u32s, declared with the same layout in optim.cu.
+// SAFETY: DeviceRepr passes the value's bytes as a kernel argument. RmsPropArgs is #[repr(C)],
+// Copy, eight f64s then two u32s (72 bytes, no padding: asserted below), the layout of
+// `struct RmsPropArgs` in optim.cu, which the kernels take by value.
 unsafe impl DeviceRepr for RmsPropArgs {}
-// SAFETY: as above.
+// SAFETY: as above, for `struct AdamArgs` in optim.cu (eight f64s, two u32s).
 unsafe impl DeviceRepr for AdamArgs {}
+const _: () = assert!(std::mem::size_of::<RmsPropArgs>() == 72);
+const _: () = assert!(std::mem::size_of::<AdamArgs>() == 72);
 
 /// The kernels' `have` bits (optim.cu): the gradient is scaled; buffer k has a previous value.
 const HAS_SCALE: u32 = 1;
@@ -106,7 +110,9 @@ impl CudaUpdate<'_> {
             }
         }
         let outs = (0..self.n_buffers)
-            // SAFETY: the kernel writes all n elements of each of the n_buffers outputs.
+            // SAFETY: `alloc` leaves the memory uninitialised; the outputs are handed out (in
+            // `outputs`) only after the kernel below has written all n elements of each of
+            // the n_buffers of them (grid-stride over i < n); an error drops them unread.
             .map(|_| unsafe { dev.alloc::<T>(n) })
             .collect::<Result<Vec<_>>>()?;
         let dummies = (self.n_buffers..MAX_BUFFERS)
@@ -145,8 +151,11 @@ impl CudaUpdate<'_> {
                 Rule::RmsProp(a) => b.arg(a),
                 Rule::Adam(a) => b.arg(a),
             };
-            // SAFETY: argument types and order match optim_{rmsprop,adam}_* in optim.cu; every
-            // view holds n elements.
+            // SAFETY: argument types and order match optim_{rmsprop,adam}_* in optim.cu; p, g,
+            // the inputs and the outputs hold n elements each (g checked above, the buffers
+            // have the parameter's shape: `fits`), the kernel indexes them below n, each
+            // element by one thread, reads no input whose `have` bit is clear and writes no
+            // output k >= n_buffers (the dummies, views of g, are never written).
             unsafe { b.launch(launch_cfg(n)) }.w()?;
         }
         let mut outputs = self.outputs.lock().expect("not shared across threads");
@@ -266,8 +275,13 @@ impl CustomOp2 for EmaOp {
             let sv = cuda_view::<T>(s, ls, "EMA shadow")?;
             let pv = cuda_view::<T>(p, lp, "EMA parameter")?;
             let n = sv.len();
+            if pv.len() != n {
+                candle_core::bail!("fused CUDA EMA: {n} shadow, {} parameter values", pv.len());
+            }
             let sfx = suffix(T::DTYPE).expect("go is called for f32 and f64 only");
-            // SAFETY: the kernel writes all n elements.
+            // SAFETY: `alloc` leaves the memory uninitialised; out is returned only after the
+            // kernel below has written all n elements (grid-stride over i < n); an error
+            // drops it unread.
             let out = unsafe { dev.alloc::<T>(n) }?;
             let func = dev.get_or_load_custom_func(&format!("ema_{sfx}"), MODULE, ptx::OPTIM)?;
             let (n64, keep) = (n as u64, 1.0 - decay);
@@ -278,7 +292,8 @@ impl CustomOp2 for EmaOp {
             b.arg(&n64);
             b.arg(&decay);
             b.arg(&keep);
-            // SAFETY: argument types and order match ema_* in optim.cu.
+            // SAFETY: argument types and order match ema_* in optim.cu; s, p and out hold n
+            // elements each (checked above), indexed below n, each out element by one thread.
             unsafe { b.launch(launch_cfg(n)) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
@@ -343,8 +358,10 @@ pub(super) fn sum_squares(ts: &[&Tensor]) -> Result<Option<Tensor>> {
                 b.arg(&x);
                 b.arg(&acc);
                 b.arg(&n64);
-                // SAFETY: argument types and order match sum_squares_* in optim.cu; the block
-                // size is SUM_THREADS.
+                // SAFETY: argument types and order match sum_squares_* in optim.cu; x holds n
+                // elements (t is contiguous), read below n; acc is one f64 that each block
+                // adds to atomically; the block size is SUM_THREADS, which its shared-memory
+                // reduction assumes.
                 unsafe { b.launch(cfg) }.w()?;
             }};
         }

@@ -699,8 +699,6 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` to the gradient of `tensor`; the first contribution is stored as it is
     /// (made contiguous) instead of being added to a tensor of zeros. (fluxflow's change: on
     /// CUDA the zeros and the sum were a memset and a full-tensor add per graph edge.)
@@ -711,12 +709,41 @@ impl GradStore {
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
+                // Upstream's `tensor.zeros_like()?.add(grad)?` checked, in `Tensor::add`, that
+                // the shapes match (`same_shape_binary_op`) and, for a non-empty tensor, in
+                // `Storage::binary_impl`, the devices (`same_device`: same location, same
+                // device on Metal) and the dtypes (`same_dtype`). Storing `grad` skips that add;
+                // its checks stay as debug assertions.
+                debug_assert_eq!(
+                    grad.shape(),
+                    tensor.shape(),
+                    "gradient shape does not match its tensor's"
+                );
+                debug_assert!(
+                    tensor.elem_count() == 0 || grad.dtype() == tensor.dtype(),
+                    "gradient dtype {:?} does not match its tensor's {:?}",
+                    grad.dtype(),
+                    tensor.dtype()
+                );
+                debug_assert!(
+                    tensor.elem_count() == 0
+                        || if tensor.device().is_metal() {
+                            tensor.device().same_device(grad.device())
+                        } else {
+                            tensor.device().location() == grad.device().location()
+                        },
+                    "gradient device {:?} does not match its tensor's {:?}",
+                    grad.device().location(),
+                    tensor.device().location()
+                );
                 entry.insert(grad.contiguous()?);
             }
         }
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
