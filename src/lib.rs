@@ -15,8 +15,6 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
-#[cfg(feature = "cuda")]
-pub mod gpu;
 pub mod image_io;
 pub mod kernels;
 pub mod memory;

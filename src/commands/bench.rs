@@ -184,7 +184,8 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     let median = times[times.len() / 2];
     let rss = peak_rss_mib();
     #[cfg(feature = "cuda")]
-    let gpu_mib = crate::gpu::peak_bytes(&device)?.map(|b| b as f64 / (1u64 << 20) as f64);
+    let gpu_mib =
+        crate::device::cuda_pool::peak_bytes(&device)?.map(|b| b as f64 / (1u64 << 20) as f64);
     #[cfg(not(feature = "cuda"))]
     let gpu_mib: Option<f64> = None;
     // The CPU threads the step ran on (`--threads`, see src/main.rs): the pool's, and the

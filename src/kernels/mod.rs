@@ -1,15 +1,18 @@
 //! Custom ops where candle's are slow. On the CPU, candle's transposed convolution (used by the
 //! expander and by every convolution's input gradient) is a naive loop; `conv` replaces it with
-//! matrix products (per output phase, or with a col2im scatter). On CUDA (`cudnn` feature) every convolution pass runs
-//! on cuDNN (`cudnn`), never on candle's naive kernels.
+//! matrix products (per output phase, or with a col2im scatter). On CUDA (`cudnn` feature) every
+//! convolution pass runs on cuDNN (`conv::cudnn`), never on candle's naive kernels.
+//!
+//! Each op keeps its CPU and CUDA halves side by side: the fused ops (`bezier`, `group_norm`,
+//! `softmax`) have `cpu_fwd` and `cuda_fwd` in one file, the CUDA half launching the kernels of
+//! `cuda/` (`cuda/mod.rs` and its `.cu` sources, compiled by build.rs); the convolutions have
+//! `conv/cpu.rs` and `conv/cudnn.rs` under `conv/mod.rs`, which chooses.
 
 pub mod attention;
 pub mod bezier;
 pub mod conv;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
-#[cfg(feature = "cudnn")]
-pub mod cudnn;
 pub mod group_norm;
 pub mod softmax;
 
@@ -19,7 +22,7 @@ use candle_core::{DType, Layout, Result, Tensor};
 
 /// The environment variable that turns on the CUDA paths built since the last GPU verification
 /// (`scripts/gpu-check.sh` on a GPU): the one-launch optimizer update, EMA and gradient norm
-/// (`train::optim::fused_cuda`) and the chunked attention's op in training
+/// (`train::optim::fused::cuda`) and the chunked attention's op in training
 /// ([`attention::attention`]). Off (unset, `0`, `off`, `false`), CUDA runs the paths that
 /// passed the last GPU run (the tensor expressions, the whole score matrix); `1`, `on` or
 /// `true` turns them on. The CPU is not affected.

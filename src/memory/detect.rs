@@ -29,7 +29,7 @@ pub fn detect(device: &Device) -> Option<(u64, Detected)> {
     match device {
         Device::Cpu => detect_cpu(),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => crate::gpu::free_bytes(device)
+        Device::Cuda(_) => crate::device::cuda_pool::free_bytes(device)
             .ok()
             .flatten()
             .map(|bytes| (bytes, Detected::GpuFree)),

@@ -15,6 +15,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use super::contiguous;
 
 mod cpu;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 use cpu::{
     conv2d_cpu, conv_transpose_cpu, conv_transpose_phases_cpu, conv_transpose_weight_grad_cpu,
     weight_grad_cpu, COLS_BUDGET,
@@ -122,7 +124,7 @@ impl CustomOp2 for ConvTransposeOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cudnn::{run_storage, shape_of, Pass};
+        use self::cudnn::{run_storage, shape_of, Pass};
         let g = self.0;
         let (b, _, h, wd) = dims4(l1)?;
         let (_, co, k, _) = dims4(l2)?;
@@ -279,7 +281,7 @@ impl CustomOp2 for ConvFilterGradOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cudnn::{run_storage, shape_of, Pass};
+        use self::cudnn::{run_storage, shape_of, Pass};
         let g = self.g;
         let s = shape_of(
             Pass::BackwardFilter,
@@ -381,7 +383,7 @@ impl CustomOp2 for Conv2dOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cudnn::{run_storage, shape_of, Pass};
+        use self::cudnn::{run_storage, shape_of, Pass};
         let g = self.0;
         let (b, _, h, wd) = dims4(l1)?;
         let (co, _, k, _) = dims4(l2)?;

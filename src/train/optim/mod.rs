@@ -11,8 +11,6 @@ mod adam;
 mod common;
 pub mod exact_f64;
 pub mod fused;
-#[cfg(feature = "cuda")]
-mod fused_cuda;
 mod lion;
 mod rmsprop;
 mod sgd;

@@ -1,5 +1,8 @@
 //! Choosing the compute device from a setting.
 
+#[cfg(feature = "cuda")]
+pub mod cuda_pool;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -68,7 +71,7 @@ impl<'de> Deserialize<'de> for DeviceSpec {
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`. A CUDA device gets its memory pool configured to keep
-/// freed memory cached between steps (`crate::gpu::configure`).
+/// freed memory cached between steps (`cuda_pool::configure`).
 pub fn parse_device(spec: &str) -> Result<Device> {
     let parsed: DeviceSpec = spec.parse()?;
     if !parsed.is_cpu() && !candle_core::utils::cuda_is_available() {
@@ -83,6 +86,6 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         DeviceSpec::Cuda(n) => Device::new_cuda(n.unwrap_or(0))?,
     };
     #[cfg(feature = "cuda")]
-    crate::gpu::configure(&device)?;
+    cuda_pool::configure(&device)?;
     Ok(device)
 }

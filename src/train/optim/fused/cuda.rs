@@ -17,8 +17,8 @@ use candle_core::{
     Var, WithDType,
 };
 
-use super::fused::{Rule, MAX_BUFFERS};
-use super::{AdamArgs, Buffers, RmsPropArgs};
+use super::super::{AdamArgs, Buffers, RmsPropArgs};
+use super::rule::{Rule, MAX_BUFFERS};
 use crate::kernels::cuda::{launch_cfg, ptx};
 use crate::kernels::cuda_view;
 
@@ -185,7 +185,7 @@ impl InplaceOp1 for CudaUpdate<'_> {
     }
 }
 
-/// [`super::fused::update`] on CUDA: `Ok(false)`, touching nothing, unless the parameter, the
+/// [`super::update`] on CUDA: `Ok(false)`, touching nothing, unless the parameter, the
 /// gradient and every buffer are contiguous f32/f64 CUDA tensors of one shape on one device.
 pub(super) fn update(
     var: &Var,
@@ -306,7 +306,7 @@ impl CustomOp2 for EmaOp {
     }
 }
 
-/// [`super::fused::ema`] on CUDA: `None` unless both are contiguous f32/f64 CUDA tensors of one
+/// [`super::ema`] on CUDA: `None` unless both are contiguous f32/f64 CUDA tensors of one
 /// shape, dtype and device.
 pub(super) fn ema(shadow: &Tensor, param: &Tensor, decay: f64) -> Result<Option<Tensor>> {
     if suffix(shadow.dtype()).is_none()
@@ -319,7 +319,7 @@ pub(super) fn ema(shadow: &Tensor, param: &Tensor, decay: f64) -> Result<Option<
     Ok(Some(shadow.apply_op2_no_bwd(param, &EmaOp { decay })?))
 }
 
-/// [`super::fused::sum_squares`] on CUDA: every tensor's squares added, in f64, into one
+/// [`super::sum_squares`] on CUDA: every tensor's squares added, in f64, into one
 /// accumulator by one kernel per tensor. `None` unless all are contiguous f32/f64 tensors on
 /// the first one's CUDA device.
 pub(super) fn sum_squares(ts: &[&Tensor]) -> Result<Option<Tensor>> {

@@ -1,107 +1,18 @@
-//! The optimizer update as one pass over a parameter's elements on the CPU.
-//!
-//! The tensor expressions of each [`UpdateRule`](super::UpdateRule) read and write every
-//! parameter-sized tensor once per op: a centered RMSprop with momentum is about fifteen passes
-//! and as many fresh tensors per parameter, 1.5 s of a Phase 1 step on two cores. Here the
-//! gradient's scaling (clipping), the rule and the buffers' update happen in one loop: the
-//! parameter is updated in place (as `Var::set` would copy it), each buffer is written once into
-//! a new tensor (so a tensor handed out earlier by `state_tensors` keeps its values).
-//!
-//! Each element goes through the same IEEE operations, in the same order and precision, as the
-//! tensor expressions (`affine(m, a)` is `v * m + a` with `m`, `a` converted to the element type),
-//! so the results are bit-identical to them; the tests in `super::tests` check that for every
-//! rule and variant.
-//!
-//! On CUDA (the `cuda` feature) the same passes are one kernel launch per parameter tensor
-//! (`super::fused_cuda`, `src/kernels/cuda/optim.cu`) where the tensor expressions launch about
-//! fifteen; the kernels round every operation on its own as the CPU does, so they agree with the
-//! CPU loops bit for bit (`tests/gpu.rs` checks it on a GPU). Those kernels have not yet run on
-//! a GPU: they are used only when `FLUXFLOW_CUDA_UNVERIFIED` is on
-//! ([`crate::kernels::unverified_cuda_paths`]); otherwise CUDA tensors take the tensor
-//! expressions (`update` returns `Ok(false)`, `ema` and `sum_squares` `None`).
+//! The fused optimizer update, EMA and gradient norm on the CPU: one parallel pass over a
+//! parameter's elements (see the parent module for why and how they match the tensor
+//! expressions bit for bit).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var, WithDType};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 
+use super::super::Buffers;
+use super::rule::{affine, Elem, MAX_BUFFERS};
 use crate::kernels::SendPtr;
-
-use super::{AdamArgs, Buffers, RmsPropArgs};
-
-/// The rule a fused update runs, with its constants for the step: what the CUDA kernels take
-/// (on the CPU, the rule's closures are built from the same constants).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Rule {
-    RmsProp(RmsPropArgs),
-    /// Adam and AdamW (`AdamArgs::DECOUPLED`).
-    Adam(AdamArgs),
-}
 
 /// Elements per parallel work item.
 const CHUNK: usize = 1 << 14;
-
-/// At most this many buffers per parameter (RMSprop: square_avg, momentum, grad_avg).
-pub(super) const MAX_BUFFERS: usize = 3;
-
-/// f32 and f64: what the fused loops run on.
-pub(super) trait Elem:
-    WithDType
-    + Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-{
-    fn sqrt(self) -> Self;
-    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
-}
-
-impl Elem for f32 {
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
-}
-
-impl Elem for f64 {
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
-    }
-}
-
-/// `v * m + a` as candle's `affine` computes it.
-#[inline(always)]
-pub(super) fn affine<T: Elem>(v: T, m: T, a: T) -> T {
-    v * m + a
-}
-
-/// `torch.lerp(start, end, w)` as `common::lerp` composes it, with `w` and `1 - w` converted;
-/// `small`: |w| < 0.5.
-#[inline(always)]
-pub(super) fn lerp<T: Elem>(start: T, end: T, small: bool, wt: T, one_minus_wt: T) -> T {
-    let zero = T::zero();
-    let diff = end - start;
-    if small {
-        start + affine(diff, wt, zero)
-    } else {
-        end - affine(diff, one_minus_wt, zero)
-    }
-}
 
 /// The contiguous elements of a CPU tensor of element type `T`, if it is one.
 fn slice_of<'a, T: Elem>(storage: &'a Storage, layout: &Layout) -> Option<&'a [T]> {
@@ -185,46 +96,7 @@ impl<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync> InplaceOp1 for Upd
     }
 }
 
-/// Updates `var` in place from `grad` (times `scale` when given, as `grad * scale`) and the
-/// buffers `names` (absent ones start at zero), with `f(param, grad, buffers) -> new param`
-/// updating the buffers in place; the buffers' new values replace them in `buffers`.
-///
-/// On CUDA, `rule` is what the kernel runs (the closures are the CPU's form of it).
-///
-/// Returns `Ok(false)` without touching anything when a tensor is not a contiguous tensor of the
-/// parameter's dtype (f32 or f64) on the parameter's device (the CPU, or CUDA with the `cuda`
-/// feature): the caller then runs the tensor expressions.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn update<F32, F64>(
-    var: &Var,
-    grad: &Tensor,
-    scale: Option<f64>,
-    names: &[&'static str],
-    buffers: &mut Buffers,
-    rule: Rule,
-    f32_rule: F32,
-    f64_rule: F64,
-) -> candle_core::Result<bool>
-where
-    F32: Fn(f32, f32, &mut [f32; MAX_BUFFERS]) -> f32 + Sync,
-    F64: Fn(f64, f64, &mut [f64; MAX_BUFFERS]) -> f64 + Sync,
-{
-    if var.device().is_cuda() {
-        #[cfg(feature = "cuda")]
-        if crate::kernels::unverified_cuda_paths() {
-            return super::fused_cuda::update(var, grad, scale, names, buffers, rule);
-        }
-        return Ok(false);
-    }
-    let _ = rule;
-    match var.dtype() {
-        DType::F32 => update_as::<f32, _>(var, grad, scale, names, buffers, f32_rule),
-        DType::F64 => update_as::<f64, _>(var, grad, scale, names, buffers, f64_rule),
-        _ => Ok(false),
-    }
-}
-
-fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
+pub(super) fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
     var: &Var,
     grad: &Tensor,
     scale: Option<f64>,
@@ -300,25 +172,7 @@ fn update_as<T: Elem, F: Fn(T, T, &mut [T; MAX_BUFFERS]) -> T + Sync>(
     Ok(true)
 }
 
-/// `shadow * decay + param * (1 - decay)` as `Ema::update` composes it, in one pass into a new
-/// tensor (one kernel on CUDA), or `None` when the tensors are not contiguous tensors of one
-/// dtype (f32, f64) on one device.
-pub fn ema(shadow: &Tensor, param: &Tensor, decay: f64) -> candle_core::Result<Option<Tensor>> {
-    if shadow.device().is_cuda() {
-        #[cfg(feature = "cuda")]
-        if crate::kernels::unverified_cuda_paths() {
-            return super::fused_cuda::ema(shadow, param, decay);
-        }
-        return Ok(None);
-    }
-    match shadow.dtype() {
-        DType::F32 => ema_as::<f32>(shadow, param, decay),
-        DType::F64 => ema_as::<f64>(shadow, param, decay),
-        _ => Ok(None),
-    }
-}
-
-fn ema_as<T: Elem>(
+pub(super) fn ema_as<T: Elem>(
     shadow: &Tensor,
     param: &Tensor,
     decay: f64,
@@ -354,34 +208,10 @@ fn ema_as<T: Elem>(
     Ok(Some(Tensor::from_vec(out, shadow.shape(), &Device::Cpu)?))
 }
 
-/// The sum of the squares of all the tensors' elements as a scalar f64 tensor on their device,
-/// accumulated in f64: on the CPU each tensor in fixed chunks summed in order (the same result
-/// for any thread count), on CUDA one kernel per tensor into one accumulator. `None` when a
-/// tensor is not a contiguous f32/f64 tensor on the first one's device (or there are none).
-pub fn sum_squares(ts: &[&Tensor]) -> candle_core::Result<Option<Tensor>> {
-    let Some(first) = ts.first() else {
-        return Ok(None);
-    };
-    if !ts.iter().all(|t| t.device().same_device(first.device())) {
-        return Ok(None);
-    }
-    if first.device().is_cuda() {
-        #[cfg(feature = "cuda")]
-        if crate::kernels::unverified_cuda_paths() {
-            return super::fused_cuda::sum_squares(ts);
-        }
-        return Ok(None);
-    }
-    let parts: Option<Vec<f64>> = ts.iter().map(|t| sum_squares_cpu(t)).collect();
-    parts
-        .map(|p| Tensor::new(p.iter().sum::<f64>(), &Device::Cpu))
-        .transpose()
-}
-
 /// The sum of squares of a CPU tensor's elements, accumulated in f64 over fixed chunks summed
 /// in order (the same result for any thread count), or `None` when it is not a contiguous CPU
 /// f32/f64 tensor.
-fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
+pub(super) fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
     fn as_t<T: Elem>(t: &Tensor) -> Option<f64> {
         if !fusable(t, t.dtype()) {
             return None;
@@ -408,7 +238,7 @@ fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{
+    use super::super::super::{
         AdamConfig, AdamWConfig, Buffers, LionConfig, RmsPropConfig, SgdConfig, UpdateRule,
     };
     use candle_core::{DType, Device, Tensor, Var};
@@ -710,7 +540,7 @@ mod tests {
                 .to_dtype(dtype)
                 .unwrap();
             let want = ((&s * 0.999).unwrap() + (&p * (1.0 - 0.999)).unwrap()).unwrap();
-            let got = super::ema(&s, &p, 0.999).unwrap().unwrap();
+            let got = super::super::ema(&s, &p, 0.999).unwrap().unwrap();
             assert_eq!(bits(&want), bits(&got), "{dtype:?}");
             let squares = |t: &Tensor| -> f64 {
                 t.to_dtype(DType::F64)
@@ -722,7 +552,7 @@ mod tests {
                     .sum()
             };
             let exact = squares(&s) + squares(&p);
-            let fused = super::sum_squares(&[&s, &p])
+            let fused = super::super::sum_squares(&[&s, &p])
                 .unwrap()
                 .unwrap()
                 .to_scalar::<f64>()
@@ -734,7 +564,7 @@ mod tests {
         }
         let t = Tensor::ones((3, 4), DType::F32, &dev).unwrap().t().unwrap();
         let ones = Tensor::ones(4, DType::F32, &dev).unwrap();
-        assert!(super::sum_squares(&[&ones, &t]).unwrap().is_none());
-        assert!(super::sum_squares(&[]).unwrap().is_none());
+        assert!(super::super::sum_squares(&[&ones, &t]).unwrap().is_none());
+        assert!(super::super::sum_squares(&[]).unwrap().is_none());
     }
 }

@@ -11,7 +11,7 @@
 //! The algorithm is chosen once per shape, dtype and pass by cuDNN's heuristics (what PyTorch
 //! does with `cudnn.benchmark` off) and cached. Its workspace comes from the device's memory
 //! pool for the call alone (stream-ordered, so freed as soon as the work is queued; the pool
-//! keeps the memory cached, see `crate::gpu`), bounded by [`WORKSPACE_CAP`]: an algorithm that
+//! keeps the memory cached, see `crate::device::cuda_pool`), bounded by [`WORKSPACE_CAP`]: an algorithm that
 //! needs more, or whose workspace cannot be allocated, is passed over for a leaner one.
 //!
 //! Float32 convolutions use TF32 tensor cores exactly when candle's f32 GEMMs do
@@ -460,8 +460,8 @@ pub fn run_storage(
                 &dev,
                 pass,
                 s,
-                &super::cuda_view::<$t>(a.0, a.1, "cudnn convolution")?,
-                &super::cuda_view::<$t>(b.0, b.1, "cudnn convolution")?,
+                &crate::kernels::cuda_view::<$t>(a.0, a.1, "cudnn convolution")?,
+                &crate::kernels::cuda_view::<$t>(b.0, b.1, "cudnn convolution")?,
             )?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
