@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use super::cache::{self, FileStamp, Header};
 use super::captions::Captions;
 use super::{BadFile, Dataset, Entry};
+use crate::image_io::upright_size;
 use crate::resize_rule::bucket_size;
 
 /// File extensions (compared case-insensitively) taken as images; everything else is ignored.
@@ -20,8 +21,9 @@ pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 /// `<cache_dir>/<hash>.dimensions.json` when the listing (paths, modification times, lengths),
 /// the folder and `img_size` are unchanged (a missing or corrupt cache is rebuilt).
 ///
-/// Files whose header is empty, truncated or unreadable are left out and listed in
-/// `Dataset::bad`. Symlinked files are followed, symlinked folders are not (no loops).
+/// Files whose header is empty, truncated or unreadable (and JPEGs cut off anywhere, which are
+/// read whole) are left out and listed in `Dataset::bad`; sizes are upright (EXIF orientation
+/// applied). Symlinked files are followed, symlinked folders are not (no loops).
 /// Errors: a missing or empty folder, or one without a single usable image ("no images found
 /// in <folder>"); an unreadable or malformed captions file; `img_size` of 0; a cache that
 /// cannot be written.
@@ -205,14 +207,10 @@ fn read_header(path: &Path, len: u64) -> Header {
     if len == 0 {
         return Header::Bad("empty file".into());
     }
-    let reader = match image::ImageReader::open(path).and_then(|r| r.with_guessed_format()) {
-        Ok(r) => r,
-        Err(e) => return Header::Bad(format!("cannot open: {e}")),
-    };
-    match reader.into_dimensions() {
+    match upright_size(path) {
         Ok((w, h)) if w > 0 && h > 0 => Header::Size(w, h),
         Ok((w, h)) => Header::Bad(format!("header gives an empty size {w}x{h}")),
-        Err(e) => Header::Bad(format!("unreadable image header: {e}")),
+        Err(e) => Header::Bad(format!("{e:#}")),
     }
 }
 
