@@ -1,5 +1,6 @@
 //! Images as they come from cameras and disks, through the binary and the data pipeline: a
-//! JPEG cut off is refused everywhere a PNG's would be, and EXIF orientation is applied.
+//! JPEG cut off is refused everywhere a PNG's would be, EXIF orientation is applied, and
+//! symlinked folders are followed once.
 
 mod common;
 
@@ -261,4 +262,34 @@ fn exif_orientation_turns_the_image_upright_in_the_scan_the_loader_and_reconstru
     let o = reconstruct(&path, &out, &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(image::image_dimensions(&out).unwrap(), (16, 48));
+}
+
+#[test]
+fn symlinked_folders_are_followed_once_without_loops_or_duplicates() {
+    let dir = tmpdir("symlinks");
+    let root = dir.join("data");
+    let outside = dir.join("outside");
+    std::fs::create_dir_all(root.join("real")).unwrap();
+    std::fs::create_dir_all(outside.join("deeper")).unwrap();
+    pattern(16, 16, 1).save(root.join("real/a.png")).unwrap();
+    pattern(16, 16, 2).save(outside.join("b.png")).unwrap();
+    pattern(16, 16, 3)
+        .save(outside.join("deeper/c.png"))
+        .unwrap();
+    let link = |target: &Path, name: &str| std::os::unix::fs::symlink(target, root.join(name));
+    link(&outside, "linked").unwrap();
+    link(&outside, "linked_again").unwrap(); // a second way to the same folder
+    link(&root.join("real"), "alias").unwrap(); // a second way to a real folder
+    link(&root, "loop").unwrap(); // back up the tree
+    std::os::unix::fs::symlink(&root, outside.join("deeper/up")).unwrap();
+
+    let ds = data::scan(&root, None, None, &dir.join("cache")).unwrap();
+    let rels: Vec<PathBuf> = ds.entries.iter().map(|e| e.path.clone()).collect();
+    assert_eq!(
+        rels,
+        ["linked/b.png", "linked/deeper/c.png", "real/a.png"].map(PathBuf::from)
+    );
+    assert!(ds.bad.is_empty(), "{:?}", ds.bad);
+    let (files, _) = data::scan::image_files(&root).unwrap();
+    assert_eq!(files.len(), 3);
 }
