@@ -1,6 +1,7 @@
 //! Images as they come from cameras and disks, through the binary and the data pipeline: a
-//! JPEG cut off is refused everywhere a PNG's would be, EXIF orientation is applied, and
-//! symlinked folders are followed once.
+//! JPEG cut off is refused everywhere a PNG's would be, EXIF orientation is applied,
+//! symlinked folders are followed once, and an unreadable image alone in its bucket does not
+//! stop training.
 
 mod common;
 
@@ -292,4 +293,29 @@ fn symlinked_folders_are_followed_once_without_loops_or_duplicates() {
     assert!(ds.bad.is_empty(), "{:?}", ds.bad);
     let (files, _) = data::scan::image_files(&root).unwrap();
     assert_eq!(files.len(), 3);
+}
+
+#[test]
+fn an_unreadable_image_alone_in_its_bucket_does_not_stop_training() {
+    let dir = tmpdir("lone-bad");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    pattern(32, 32, 1).save(data.join("a.png")).unwrap();
+    pattern(32, 32, 2).save(data.join("b.png")).unwrap();
+    // A 48x32 PNG whose header is whole and whose pixels are cut off: alone in its bucket,
+    // so every epoch is [good, bad] or [bad, good] and an epoch boundary soon meets two bad.
+    pattern(48, 32, 3).save(data.join("lone.png")).unwrap();
+    let bytes = std::fs::read(data.join("lone.png")).unwrap();
+    std::fs::write(data.join("lone.png"), &bytes[..bytes.len() / 2]).unwrap();
+    let cfg = config(&dir, &data, "run", "  n_epochs: 12\n  workers: 2");
+    let o = run(bin().args(["train", "--config", cfg.to_str().unwrap()]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert_eq!(t.matches("skipping").count(), 1, "{t}");
+    assert!(
+        t.contains("lone.png") && t.contains("1 unreadable file"),
+        "{t}"
+    );
+    // 12 epochs of 2 batches: the good batch of each epoch trains, the bad one is passed over.
+    assert!(t.contains("training finished at step 24/24"), "{t}");
 }
