@@ -129,9 +129,11 @@ pub struct ReconstructArgs {
     /// Precision of the computation.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
-    /// Pixel budget: a larger image is scaled down (aspect kept) to at most this many pixels
-    /// before it is reconstructed, with a note. The default is 1024x1024, the largest Phase 1
-    /// training size.
+    /// Pixel budget: an image whose training size (sides rounded to multiples of 16) has more
+    /// pixels is scaled down (aspect kept) until it has at most this many, with a note; one
+    /// that cannot fit even at 16 pixels on its shorter side is refused. The default is
+    /// 1024x1024, the largest Phase 1 training size.
+
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
     #[command(flatten)]

@@ -13,7 +13,7 @@ use image::{
     imageops::FilterType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage,
 };
 
-use crate::resize_rule::{bucket_size, training_size};
+use crate::resize_rule::{bucket_size, fit_within, training_size};
 
 /// Decodes a PNG, JPEG or WebP file to 8-bit RGB (grey and RGBA are converted), turned upright
 /// by its EXIF orientation if it records one. A JPEG cut off before its end-of-image marker is
@@ -93,6 +93,28 @@ pub fn to_training_size(img: RgbImage) -> RgbImage {
         img
     } else {
         image::imageops::resize(&img, tw, th, FilterType::Lanczos3)
+    }
+}
+
+/// The image scaled down (Lanczos, aspect ratio kept) so that its training size has at most
+/// `max_pixels` pixels ([`fit_within`]), and its new size if it was. An error gives the sizes
+/// when even its smallest training size with the aspect ratio kept has more pixels.
+pub fn within_pixels(img: RgbImage, max_pixels: u64) -> Result<(RgbImage, Option<(u32, u32)>)> {
+    let (w, h) = img.dimensions();
+    match fit_within(w, h, max_pixels) {
+        Ok(None) => Ok((img, None)),
+        Ok(Some((nw, nh))) => Ok((
+            image::imageops::resize(&img, nw, nh, FilterType::Lanczos3),
+            Some((nw, nh)),
+        )),
+        Err((tw, th)) => {
+            let least = tw as u64 * th as u64;
+            bail!(
+                "{w}x{h} cannot be scaled down to {max_pixels} pixels: with its aspect ratio \
+                 kept, its smallest training size (16 pixels on the shorter side, both sides \
+                 multiples of 16) is {tw}x{th}, {least} pixels; allow at least {least}"
+            )
+        }
     }
 }
 

@@ -85,9 +85,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args_max_pixels = args.max_pixels;
             let r = commands::reconstruct::run(&args)?;
             let (w, h) = r.size;
-            if let Some((w, h)) = r.downscaled {
+            if let Some((sw, sh)) = r.downscaled {
                 eprintln!(
-                    "note: {}x{} is more than --max-pixels {}; scaled down to {w}x{h} first",
+                    "note: {}x{} is more than --max-pixels {} at its training size; scaled \
+                     down to {sw}x{sh} first (reconstructed at {w}x{h})",
                     r.input_size.0, r.input_size.1, args_max_pixels
                 );
             }

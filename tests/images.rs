@@ -1,7 +1,7 @@
 //! Images as they come from cameras and disks, through the binary and the data pipeline: a
 //! JPEG cut off is refused everywhere a PNG's would be, EXIF orientation is applied,
-//! symlinked folders are followed once, and an unreadable image alone in its bucket does not
-//! stop training.
+//! symlinked folders are followed once, `--max-pixels` bounds what is computed, and an
+//! unreadable image alone in its bucket does not stop training.
 
 mod common;
 
@@ -293,6 +293,38 @@ fn symlinked_folders_are_followed_once_without_loops_or_duplicates() {
     assert!(ds.bad.is_empty(), "{:?}", ds.bad);
     let (files, _) = data::scan::image_files(&root).unwrap();
     assert_eq!(files.len(), 3);
+}
+
+#[test]
+fn max_pixels_bounds_the_computed_size_even_for_extreme_aspect_ratios() {
+    let dir = tmpdir("max-pixels");
+    // 4000x64 at 20000 pixels: scaled to 16 pixels high, it trains at 1008x16 (the old rule,
+    // scaling the image itself to 20000 pixels, trained at 1120x32 = 35840).
+    let wide = dir.join("wide.png");
+    pattern(4000, 64, 1).save(&wide).unwrap();
+    let out = dir.join("wide.recon.png");
+    let o = reconstruct(&wide, &out, &["--max-pixels", "20000"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("4000x64 is more than --max-pixels 20000"), "{t}");
+    let (w, h) = image::image_dimensions(&out).unwrap();
+    assert!(w * h <= 20000 && w > 10 * h, "{w}x{h}");
+
+    // 4000x16 cannot lose a row: it needs 64000 pixels, and says so.
+    let thin = dir.join("thin.png");
+    pattern(4000, 16, 2).save(&thin).unwrap();
+    let out = dir.join("thin.recon.png");
+    let o = reconstruct(&thin, &out, &["--max-pixels", "20000"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("thin.png")
+            && t.contains("--max-pixels 20000")
+            && t.contains("4000x16")
+            && t.contains("64000"),
+        "{t}"
+    );
+    assert!(!out.exists());
 }
 
 #[test]

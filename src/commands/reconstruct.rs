@@ -5,14 +5,14 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use image::imageops::FilterType;
-use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::parse_device;
 use crate::cli::{Precision, ReconstructArgs};
-use crate::image_io::{from_tensor, load_rgb, save_image, to_tensor, to_training_size};
+use crate::image_io::{
+    from_tensor, load_rgb, save_image, to_tensor, to_training_size, within_pixels,
+};
 use crate::model::Noise;
 use crate::quality::{psnr, Planar};
 use crate::weights::load_model;
@@ -24,24 +24,9 @@ pub struct Report {
     pub input_size: (u32, u32),
     pub size: (u32, u32),
     pub psnr_db: f64,
-    /// Set when the image had more than `--max-pixels` and was scaled down first: its size
-    /// after that.
+    /// Set when the image's training size had more than `--max-pixels` pixels and it was
+    /// scaled down first: its size after that (`size` is then at most `--max-pixels`).
     pub downscaled: Option<(u32, u32)>,
-}
-
-/// The image scaled down (aspect kept, Lanczos) to at most `max_pixels`, and its new size if it
-/// was.
-fn within_pixels(img: RgbImage, max_pixels: u64) -> (RgbImage, Option<(u32, u32)>) {
-    let (w, h) = img.dimensions();
-    let pixels = w as u64 * h as u64;
-    if pixels <= max_pixels {
-        return (img, None);
-    }
-    let scale = (max_pixels as f64 / pixels as f64).sqrt();
-    let nw = ((w as f64 * scale).floor() as u32).max(1);
-    let nh = ((h as f64 * scale).floor() as u32).max(1);
-    let small = image::imageops::resize(&img, nw, nh, FilterType::Lanczos3);
-    (small, Some((nw, nh)))
 }
 
 pub fn run(args: &ReconstructArgs) -> Result<Report> {
@@ -58,7 +43,8 @@ pub fn run(args: &ReconstructArgs) -> Result<Report> {
     }
     let original = load_rgb(&args.image)?;
     let input_size = original.dimensions();
-    let (original, downscaled) = within_pixels(original, args.max_pixels);
+    let (original, downscaled) = within_pixels(original, args.max_pixels)
+        .with_context(|| format!("{}: --max-pixels {}", args.image.display(), args.max_pixels))?;
     let img = to_training_size(original);
     let model = load_model(&args.checkpoint, dtype, &device)?.model;
     let (w, h) = img.dimensions();
