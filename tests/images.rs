@@ -1,7 +1,7 @@
 //! Images as they come from cameras and disks, through the binary and the data pipeline: a
 //! JPEG cut off is refused everywhere a PNG's would be, EXIF orientation is applied,
-//! symlinked folders are followed once, `--max-pixels` bounds what is computed, and an
-//! unreadable image alone in its bucket does not stop training.
+//! symlinked folders are followed once, `--max-pixels` bounds what is computed, one huge image
+//! does not stop an `eval`, and an unreadable image alone in its bucket does not stop training.
 
 mod common;
 
@@ -325,6 +325,58 @@ fn max_pixels_bounds_the_computed_size_even_for_extreme_aspect_ratios() {
         "{t}"
     );
     assert!(!out.exists());
+}
+
+#[test]
+fn one_huge_image_is_scaled_down_with_a_note_and_the_rest_are_scored() {
+    let dir = tmpdir("huge");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    pattern(32, 32, 1).save(data.join("a.png")).unwrap();
+    // 12000x12000 of one colour: a few hundred KB as a PNG.
+    RgbImage::from_pixel(12000, 12000, Rgb([120, 80, 40]))
+        .save(data.join("huge.png"))
+        .unwrap();
+    // A thin image that cannot fit in 4096 pixels even 16 pixels high: skipped and named.
+    pattern(1000, 16, 3).save(data.join("thin.png")).unwrap();
+    let json = dir.join("scores.json");
+    let o = run_within(
+        bin().args([
+            "eval",
+            "-c",
+            parity("tiny16.safetensors").to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-pixels",
+            "4096",
+            "--json",
+            json.to_str().unwrap(),
+        ]),
+        Duration::from_secs(90),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("huge.png: 12000x12000 is more than --max-pixels 4096"),
+        "{t}"
+    );
+    assert!(
+        t.contains("mean of 2") && t.contains("thin.png: 1000x16"),
+        "{t}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let huge = &v["images"][1];
+    assert_eq!(huge["name"], "huge.png");
+    assert!(huge["width"].as_u64().unwrap() * huge["height"].as_u64().unwrap() <= 4096);
+    assert_eq!(v["skipped"].as_array().unwrap().len(), 1);
+
+    // An image whose forward pass cannot fit in memory is skipped with the estimate, and the
+    // others are still scored.
+    let o = eval(&data, &["--max-pixels", "4096", "--memory-budget", "3MB"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("mean of 1") && t.contains("needs about"), "{t}");
 }
 
 #[test]

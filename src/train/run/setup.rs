@@ -292,7 +292,7 @@ fn load_eval_set(cfg: &Config) -> Result<Option<EvalSet>> {
     let Some(root) = &cfg.output.eval_data else {
         return Ok(None);
     };
-    EvalSet::load(root, Some(cfg.output.eval_limit), cfg.data.img_size)
+    EvalSet::load(root, Some(cfg.output.eval_limit), cfg.data.img_size, None)
         .with_context(|| format!("output.eval_data: {}", root.display()))
         .map(Some)
 }
