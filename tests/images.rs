@@ -1,7 +1,8 @@
 //! Images as they come from cameras and disks, through the binary and the data pipeline: a
 //! JPEG cut off is refused everywhere a PNG's would be, EXIF orientation is applied,
 //! symlinked folders are followed once, `--max-pixels` bounds what is computed, one huge image
-//! does not stop an `eval`, and an unreadable image alone in its bucket does not stop training.
+//! does not stop an `eval`, an unreadable image alone in its bucket does not stop training, and
+//! a long reconstruction says what it is doing.
 
 mod common;
 
@@ -402,4 +403,24 @@ fn an_unreadable_image_alone_in_its_bucket_does_not_stop_training() {
     );
     // 12 epochs of 2 batches: the good batch of each epoch trains, the bad one is passed over.
     assert!(t.contains("training finished at step 24/24"), "{t}");
+}
+
+#[test]
+fn a_reconstruction_reports_its_stages_one_line_each_off_a_terminal() {
+    let dir = tmpdir("stages");
+    let img = dir.join("in.png");
+    pattern(64, 48, 1).save(&img).unwrap();
+    let o = reconstruct(&img, &dir.join("out.png"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.lines().count(), 3, "{err}");
+    assert!(
+        err.contains("reconstructing") && err.contains("at 64x48") && err.contains("encoding"),
+        "{err}"
+    );
+    assert_eq!(err.matches("encoded in").count(), 1, "{err}");
+    assert_eq!(err.matches("decoded in").count(), 1, "{err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("PSNR"), "{out}");
 }

@@ -2,6 +2,7 @@
 //! decode it with SPADE context, write it and report the PSNR.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -29,7 +30,21 @@ pub struct Report {
     pub downscaled: Option<(u32, u32)>,
 }
 
-pub fn run(args: &ReconstructArgs) -> Result<Report> {
+/// How far a reconstruction has got, reported to the caller as it goes (the forward pass of a
+/// large image takes minutes on a CPU).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stage {
+    /// The image and the model are loaded; encoding starts at the training size `size`,
+    /// `tokens` latent positions (the attention's cost grows with their square).
+    Encoding { size: (u32, u32), tokens: usize },
+    /// Encoding took this long; decoding starts.
+    Decoding(Duration),
+    /// Decoding took this long.
+    Decoded(Duration),
+}
+
+/// Reconstructs `args.image`, calling `progress` at each [`Stage`].
+pub fn run(args: &ReconstructArgs, progress: &mut dyn FnMut(&Stage)) -> Result<Report> {
     let device = parse_device(&args.device)?;
     let dtype = match args.dtype {
         Precision::F32 => DType::F32,
@@ -60,11 +75,25 @@ pub fn run(args: &ReconstructArgs) -> Result<Report> {
     } else {
         Noise::Mean
     };
+    let down = 1usize << model.config.downscales.min(16);
+    progress(&Stage::Encoding {
+        size: (w, h),
+        tokens: (w as usize / down).max(1) * (h as usize / down).max(1),
+    });
+    let t0 = Instant::now();
     let enc = model
         .compressor
         .forward(&x, noise)
         .with_context(|| format!("cannot encode {}", args.image.display()))?;
-    let y = model.expander.forward(&enc.packed, true)?;
+    device.synchronize()?;
+    progress(&Stage::Decoding(t0.elapsed()));
+    let t0 = Instant::now();
+    let y = model
+        .expander
+        .forward(&enc.packed, true)
+        .with_context(|| format!("cannot decode {}", args.image.display()))?;
+    device.synchronize()?;
+    progress(&Stage::Decoded(t0.elapsed()));
     let out_img = from_tensor(&y.squeeze(0)?)?;
     let output = match &args.output {
         Some(p) => p.clone(),
