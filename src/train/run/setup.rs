@@ -233,17 +233,10 @@ pub fn start(
     cfg.output.eval_data = cfg.output.eval_data.as_ref().map(absolute);
     let model = match &cfg.model_checkpoint {
         Some(p) => {
-            let loaded = crate::weights::load_model(p, dtype, &device)
-                .with_context(|| format!("model_checkpoint: {}", p.display()))?;
-            if loaded.model.config != cfg.model_config() {
-                bail!(
-                    "model_checkpoint {} has dimensions {:?}, the model section asks for {:?}",
-                    p.display(),
-                    loaded.model.config,
-                    cfg.model_config()
-                );
-            }
-            loaded.model
+            // The loader's errors name the file.
+            crate::weights::load_model_as(p, &cfg.model_config(), dtype, &device)
+                .context("model_checkpoint")?
+                .model
         }
         None => FluxModel::fresh(&cfg.model_config(), dtype, &device, cfg.training.seed)?,
     };
