@@ -129,16 +129,17 @@ pub struct ReconstructArgs {
     /// Precision of the computation.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
-    /// Pixel budget: a larger image is scaled down (aspect kept) to at most this many pixels
-    /// before it is reconstructed, with a note. The default is 1024x1024, the largest Phase 1
-    /// training size.
+    /// Pixel budget: an image whose training size (sides rounded to multiples of 16) has more
+    /// pixels is scaled down (aspect kept) until it has at most this many, with a note; one
+    /// that cannot fit even at 16 pixels on its shorter side is refused. The default is
+    /// 1024x1024, the largest Phase 1 training size.
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
     #[command(flatten)]
     pub resources: ResourceArgs,
 }
 
-/// `reconstruct --max-pixels`' default: 1024 x 1024.
+/// `reconstruct --max-pixels`' and `eval --max-pixels`' default: 1024 x 1024.
 pub const DEFAULT_MAX_PIXELS: u64 = 1024 * 1024;
 
 const EVAL_ABOUT: &str = "\
@@ -157,7 +158,9 @@ MS-SSIM: as pytorch-msssim, five scales weighted 0.0448, 0.2856, 0.3001, 0.2363,
 average pooling between scales, contrast-structure at the first four and SSIM at the last,
 negative terms clamped to 0. Images with a side under 161 px are too small for five scales:
 their MS-SSIM is null and a note says so.
-An unreadable or truncated file is skipped, named and counted.";
+An image whose training size has more than --max-pixels pixels is scaled down first, with a
+note. An unreadable or truncated file, or an image that cannot fit (in --max-pixels, or its
+forward pass in memory), is skipped, named and counted.";
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
@@ -179,6 +182,11 @@ pub struct EvalArgs {
     /// Images of one size per forward pass.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Pixel budget per image, as `reconstruct`'s: an image whose training size has more
+    /// pixels is scaled down (aspect kept) until it has at most this many, with a note; one
+    /// that cannot fit even at 16 pixels on its shorter side is skipped and named.
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
     #[command(flatten)]
     pub resources: ResourceArgs,
 }

@@ -5,7 +5,7 @@
 //! periodic evaluation (`output.eval_data`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::scan::image_files;
 use crate::data::BadFile;
-use crate::image_io::{from_tensor, load_rgb, to_bucket_size, to_tensor};
+use crate::image_io::{from_tensor, load_rgb, to_bucket_size, to_tensor, within_pixels};
 use crate::model::{FluxModel, Noise};
 use crate::quality::{measure, Planar, MS_SSIM_MIN_SIDE};
 
@@ -22,27 +22,60 @@ use crate::quality::{measure, Planar, MS_SSIM_MIN_SIDE};
 pub struct EvalImage {
     /// The path relative to the evaluated folder.
     pub name: String,
+    /// The full path.
+    pub path: PathBuf,
     pub image: RgbImage,
     original: Planar,
+}
+
+impl EvalImage {
+    /// This image as a skipped file whose reason is `why` (a refused memory check).
+    fn unfit(&self, why: &anyhow::Error) -> BadFile {
+        BadFile {
+            path: self.path.clone(),
+            reason: format!("{why:#}"),
+        }
+    }
+}
+
+/// An image that was scaled down to fit a pixel budget before its training size was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scaled {
+    pub name: String,
+    /// Its size as decoded (upright).
+    pub from: (u32, u32),
+    /// The size it was scaled to; its training size is what is evaluated.
+    pub to: (u32, u32),
 }
 
 /// The readable images of a folder and the files that were skipped.
 pub struct EvalSet {
     pub images: Vec<EvalImage>,
     pub skipped: Vec<BadFile>,
+    /// The images scaled down to `max_pixels` first.
+    pub scaled: Vec<Scaled>,
 }
 
 impl EvalSet {
     /// Decodes up to `limit` images of `root` (recursively, sorted by path), each resized
-    /// (Lanczos) to its training size after the `img_size` cap. An unreadable, truncated or
-    /// empty file is skipped and recorded with its reason; only readable images count toward
-    /// `limit`. Errors: a folder that cannot be listed or holds no readable image.
-    pub fn load(root: &Path, limit: Option<usize>, img_size: Option<u32>) -> Result<Self> {
+    /// (Lanczos) to its training size after the `img_size` cap. With `max_pixels`, an image
+    /// whose training size has more pixels is first scaled down until it has at most that
+    /// many ([`within_pixels`]) and listed in `scaled`. An unreadable, truncated or empty
+    /// file, or one that cannot fit `max_pixels`, is skipped and recorded with its reason;
+    /// only the images kept count toward `limit`. Errors: a folder that cannot be listed or
+    /// holds no usable image.
+    pub fn load(
+        root: &Path,
+        limit: Option<usize>,
+        img_size: Option<u32>,
+        max_pixels: Option<u64>,
+    ) -> Result<Self> {
         if !root.is_dir() {
             anyhow::bail!("{} is not a folder of images", root.display());
         }
         let (files, mut skipped) = image_files(root)?;
         let mut images = Vec::new();
+        let mut scaled = Vec::new();
         for path in files {
             if limit.is_some_and(|n| images.len() >= n) {
                 break;
@@ -61,14 +94,37 @@ impl EvalSet {
                     continue;
                 }
             };
-            let img = to_bucket_size(img, img_size);
             let name = path
                 .strip_prefix(root)
                 .unwrap_or(&path)
                 .to_string_lossy()
                 .into_owned();
+            let from = img.dimensions();
+            let img = match max_pixels {
+                None => img,
+                Some(m) => match within_pixels(img, m) {
+                    Ok((img, None)) => img,
+                    Ok((img, Some(to))) => {
+                        scaled.push(Scaled {
+                            name: name.clone(),
+                            from,
+                            to,
+                        });
+                        img
+                    }
+                    Err(e) => {
+                        skipped.push(BadFile {
+                            path,
+                            reason: format!("{e:#}"),
+                        });
+                        continue;
+                    }
+                },
+            };
+            let img = to_bucket_size(img, img_size);
             images.push(EvalImage {
                 name,
+                path,
                 original: Planar::from_rgb8(&img),
                 image: img,
             });
@@ -80,7 +136,11 @@ impl EvalSet {
                 .unwrap_or_default();
             anyhow::bail!("no readable images in {}{first}", root.display());
         }
-        Ok(Self { images, skipped })
+        Ok(Self {
+            images,
+            skipped,
+            scaled,
+        })
     }
 }
 
@@ -132,7 +192,7 @@ impl Evaluation {
 
 /// Reconstructs every image of `set` (posterior mean, SPADE context; `batch` images of one
 /// size per forward pass) with `model` in `dtype` on `device`, and scores each against its
-/// original.
+/// original. A forward pass that cannot fit in memory ends the evaluation with the estimate.
 pub fn evaluate(
     model: &FluxModel,
     set: &EvalSet,
@@ -140,65 +200,71 @@ pub fn evaluate(
     dtype: DType,
     device: &Device,
 ) -> Result<Evaluation> {
+    Ok(score(model, set, batch, dtype, device, false)?.0)
+}
+
+/// As [`evaluate`], but a batch whose forward pass cannot fit in memory is retried an image at
+/// a time, and an image that cannot fit alone is left out and returned with the estimate as
+/// its reason, so that the others are still scored.
+pub fn evaluate_fitting(
+    model: &FluxModel,
+    set: &EvalSet,
+    batch: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Evaluation, Vec<BadFile>)> {
+    score(model, set, batch, dtype, device, true)
+}
+
+fn score(
+    model: &FluxModel,
+    set: &EvalSet,
+    batch: usize,
+    dtype: DType,
+    device: &Device,
+    skip_unfit: bool,
+) -> Result<(Evaluation, Vec<BadFile>)> {
     let mut by_size: BTreeMap<(u32, u32), Vec<usize>> = BTreeMap::new();
     for (i, img) in set.images.iter().enumerate() {
         by_size.entry(img.image.dimensions()).or_default().push(i);
     }
+    let fits = |chunk: &[usize]| {
+        let (w, h) = set.images[chunk[0]].image.dimensions();
+        crate::memory::check_fits(
+            &format!(
+                "reconstructing {} image(s) of {w}x{h} ({})",
+                chunk.len(),
+                set.images[chunk[0]].name
+            ),
+            crate::memory::activation_bytes(
+                &model.config,
+                chunk.len(),
+                h as usize,
+                w as usize,
+                dtype,
+                false,
+            ),
+            device,
+        )
+    };
     let mut scores: Vec<Option<ImageScore>> = vec![None; set.images.len()];
+    let mut unfit = Vec::new();
     for idx in by_size.values() {
         for chunk in idx.chunks(batch.max(1)) {
-            let (w, h) = set.images[chunk[0]].image.dimensions();
-            crate::memory::check_fits(
-                &format!(
-                    "reconstructing {} image(s) of {w}x{h} ({})",
-                    chunk.len(),
-                    set.images[chunk[0]].name
-                ),
-                crate::memory::activation_bytes(
-                    &model.config,
-                    chunk.len(),
-                    h as usize,
-                    w as usize,
-                    dtype,
-                    false,
-                ),
-                device,
-            )
-            .context("use a smaller --batch, or smaller images")?;
-            let xs = chunk
-                .iter()
-                .map(|&i| to_tensor(&set.images[i].image, dtype, device))
-                .collect::<Result<Vec<_>>>()?;
-            let x = Tensor::cat(&xs, 0)?;
-            let names = || {
-                chunk
-                    .iter()
-                    .map(|&i| set.images[i].name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let enc = model
-                .compressor
-                .forward(&x, Noise::Mean)
-                .with_context(|| format!("cannot encode {}", names()))?;
-            let y = model
-                .expander
-                .forward(&enc.packed, true)
-                .with_context(|| format!("cannot decode {}", names()))?;
-            for (k, &i) in chunk.iter().enumerate() {
-                let img = &set.images[i];
-                let recon = Planar::from_rgb8(&from_tensor(&y.get(k)?)?);
-                let q = measure(&recon, &img.original)
-                    .with_context(|| format!("cannot score {}", img.name))?;
-                let (w, h) = img.image.dimensions();
-                scores[i] = Some(ImageScore {
-                    name: img.name.clone(),
-                    width: w,
-                    height: h,
-                    psnr: q.psnr.is_finite().then_some(q.psnr),
-                    ssim: q.ssim,
-                    ms_ssim: q.ms_ssim,
-                });
+            match fits(chunk) {
+                Ok(()) => score_chunk(model, set, chunk, dtype, device, &mut scores)?,
+                Err(e) if !skip_unfit => {
+                    return Err(e.context("use a smaller --batch, or smaller images"))
+                }
+                Err(e) if chunk.len() == 1 => unfit.push(set.images[chunk[0]].unfit(&e)),
+                Err(_) => {
+                    for &i in chunk {
+                        match fits(&[i]) {
+                            Ok(()) => score_chunk(model, set, &[i], dtype, device, &mut scores)?,
+                            Err(e) => unfit.push(set.images[i].unfit(&e)),
+                        }
+                    }
+                }
             }
         }
     }
@@ -212,5 +278,52 @@ pub fn evaluate(
         ms_ssim: mean_of(ms),
         images: images.len(),
     };
-    Ok(Evaluation { images, mean })
+    Ok((Evaluation { images, mean }, unfit))
+}
+
+/// Encodes, decodes and scores the images `chunk` of `set` (one size) as one batch.
+fn score_chunk(
+    model: &FluxModel,
+    set: &EvalSet,
+    chunk: &[usize],
+    dtype: DType,
+    device: &Device,
+    scores: &mut [Option<ImageScore>],
+) -> Result<()> {
+    let xs = chunk
+        .iter()
+        .map(|&i| to_tensor(&set.images[i].image, dtype, device))
+        .collect::<Result<Vec<_>>>()?;
+    let x = Tensor::cat(&xs, 0)?;
+    let names = || {
+        chunk
+            .iter()
+            .map(|&i| set.images[i].name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let enc = model
+        .compressor
+        .forward(&x, Noise::Mean)
+        .with_context(|| format!("cannot encode {}", names()))?;
+    let y = model
+        .expander
+        .forward(&enc.packed, true)
+        .with_context(|| format!("cannot decode {}", names()))?;
+    for (k, &i) in chunk.iter().enumerate() {
+        let img = &set.images[i];
+        let recon = Planar::from_rgb8(&from_tensor(&y.get(k)?)?);
+        let q =
+            measure(&recon, &img.original).with_context(|| format!("cannot score {}", img.name))?;
+        let (w, h) = img.image.dimensions();
+        scores[i] = Some(ImageScore {
+            name: img.name.clone(),
+            width: w,
+            height: h,
+            psnr: q.psnr.is_finite().then_some(q.psnr),
+            ssim: q.ssim,
+            ms_ssim: q.ms_ssim,
+        });
+    }
+    Ok(())
 }

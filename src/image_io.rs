@@ -1,23 +1,88 @@
 //! Images in and out: decoding to RGB, resizing to a training size (`resize_rule`), conversion
 //! to and from [-1, 1] tensors. (PSNR: `quality::psnr`.)
 
+mod jpeg;
+
+use std::io::Cursor;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use image::{imageops::FilterType, ImageFormat, RgbImage};
+use image::metadata::Orientation;
+use image::{
+    imageops::FilterType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage,
+};
 
-use crate::resize_rule::{bucket_size, training_size};
+use crate::resize_rule::{bucket_size, fit_within, training_size};
 
-/// Decodes a PNG, JPEG or WebP file to 8-bit RGB (grey and RGBA are converted).
+/// Decodes a PNG, JPEG or WebP file to 8-bit RGB (grey and RGBA are converted), turned upright
+/// by its EXIF orientation if it records one. A JPEG cut off before its end-of-image marker is
+/// an error, as a cut-off PNG or WebP is (the JPEG decoder would fill the missing part grey).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let bytes = crate::paths::read_regular(path)?;
     if bytes.is_empty() {
         bail!("{} is empty", path.display());
     }
-    let img = image::load_from_memory(&bytes)
-        .with_context(|| format!("{} is not a readable image", path.display()))?;
+    decode_upright(&bytes).with_context(|| format!("{} is not a readable image", path.display()))
+}
+
+/// The image in `bytes` decoded and turned upright; see [`load_rgb`].
+fn decode_upright(bytes: &[u8]) -> Result<RgbImage> {
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
+    if reader.format() == Some(ImageFormat::Jpeg) {
+        jpeg::check_complete(bytes)?;
+    }
+    let mut decoder = reader.into_decoder()?;
+    // The allocation cap `image::load_from_memory` applies (512 MiB by default).
+    Limits::default().reserve(decoder.total_bytes())?;
+    // An unreadable EXIF block leaves the image as stored.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder)?;
+    img.apply_orientation(orientation);
     Ok(img.to_rgb8())
+}
+
+/// Whether an EXIF orientation turns the stored image by 90 or 270 degrees, so that its upright
+/// width is the stored height.
+pub fn swaps_sides(orientation: Orientation) -> bool {
+    matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// An image file's upright size (its EXIF orientation applied) from its header, without
+/// decoding the pixels. A JPEG is read whole (the decoder reads it whole anyway) and must end
+/// with its end-of-image marker; PNG and WebP are read only up to their header.
+pub fn upright_size(path: &Path) -> Result<(u32, u32)> {
+    let reader = ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .context("cannot open")?;
+    let (w, h, orientation) = if reader.format() == Some(ImageFormat::Jpeg) {
+        let bytes = std::fs::read(path).context("cannot read")?;
+        jpeg::check_complete(&bytes)?;
+        let reader = ImageReader::new(Cursor::new(&bytes[..])).with_guessed_format()?;
+        header_of(reader)?
+    } else {
+        header_of(reader)?
+    };
+    Ok(if swaps_sides(orientation) {
+        (h, w)
+    } else {
+        (w, h)
+    })
+}
+
+fn header_of<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+) -> Result<(u32, u32, Orientation)> {
+    let mut decoder = reader.into_decoder().context("unreadable image header")?;
+    let (w, h) = decoder.dimensions();
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    Ok((w, h, orientation))
 }
 
 /// Resizes with Lanczos to the training size unless the image already has it.
@@ -28,6 +93,28 @@ pub fn to_training_size(img: RgbImage) -> RgbImage {
         img
     } else {
         image::imageops::resize(&img, tw, th, FilterType::Lanczos3)
+    }
+}
+
+/// The image scaled down (Lanczos, aspect ratio kept) so that its training size has at most
+/// `max_pixels` pixels ([`fit_within`]), and its new size if it was. An error gives the sizes
+/// when even its smallest training size with the aspect ratio kept has more pixels.
+pub fn within_pixels(img: RgbImage, max_pixels: u64) -> Result<(RgbImage, Option<(u32, u32)>)> {
+    let (w, h) = img.dimensions();
+    match fit_within(w, h, max_pixels) {
+        Ok(None) => Ok((img, None)),
+        Ok(Some((nw, nh))) => Ok((
+            image::imageops::resize(&img, nw, nh, FilterType::Lanczos3),
+            Some((nw, nh)),
+        )),
+        Err((tw, th)) => {
+            let least = tw as u64 * th as u64;
+            bail!(
+                "{w}x{h} cannot be scaled down to {max_pixels} pixels: with its aspect ratio \
+                 kept, its smallest training size (16 pixels on the shorter side, both sides \
+                 multiples of 16) is {tw}x{th}, {least} pixels; allow at least {least}"
+            )
+        }
     }
 }
 

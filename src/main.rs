@@ -87,11 +87,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Reconstruct(args) => {
             let args_max_pixels = args.max_pixels;
-            let r = commands::reconstruct::run(&args)?;
+            let mut shown = StageDisplay::default();
+            let r = commands::reconstruct::run(&args, &mut |s| shown.show(&args.image, s));
+            shown.finish();
+            let r = r?;
             let (w, h) = r.size;
-            if let Some((w, h)) = r.downscaled {
+            if let Some((sw, sh)) = r.downscaled {
                 eprintln!(
-                    "note: {}x{} is more than --max-pixels {}; scaled down to {w}x{h} first",
+                    "note: {}x{} is more than --max-pixels {} at its training size; scaled \
+                     down to {sw}x{sh} first (reconstructed at {w}x{h})",
                     r.input_size.0, r.input_size.1, args_max_pixels
                 );
             }
@@ -121,4 +125,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => println!("{}", commands::bench::run(&args)?),
     }
     Ok(())
+}
+
+/// `reconstruct`'s progress: on a terminal a spinner with the stage and its elapsed time, and
+/// a line as each stage ends; otherwise just one line per stage on stderr.
+#[derive(Default)]
+struct StageDisplay {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl StageDisplay {
+    fn show(&mut self, image: &std::path::Path, stage: &commands::reconstruct::Stage) {
+        use commands::reconstruct::Stage;
+        let (line, next) = match stage {
+            Stage::Encoding {
+                size: (w, h),
+                tokens,
+            } => (
+                format!(
+                    "reconstructing {} at {w}x{h} ({tokens} latent positions): encoding, then \
+                     decoding",
+                    image.display()
+                ),
+                Some("encoding"),
+            ),
+            Stage::Decoding(t) => (
+                format!("encoded in {:.1} s", t.as_secs_f64()),
+                Some("decoding"),
+            ),
+            Stage::Decoded(t) => (format!("decoded in {:.1} s", t.as_secs_f64()), None),
+        };
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+        if self.bar.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            self.bar = Some(bar);
+        }
+        if let (Some(bar), Some(next)) = (&self.bar, next) {
+            bar.reset_elapsed();
+            bar.set_message(next);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
 }

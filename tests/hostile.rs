@@ -725,8 +725,8 @@ fn eval_refuses_an_image_whose_reconstruction_cannot_fit_with_the_estimate() {
     let dir = tmpdir("eval-big");
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
-    // tiny16 (vae_dim 16) at 4096x4096: tens of GB of activations, against a 16 GiB budget
-    // given both ways (the flag wins over the variable's 1 TB).
+    // tiny16 (vae_dim 16) at 4096x4096 (within --max-pixels): tens of GB of activations,
+    // against a 16 GiB budget given both ways (the flag wins over the variable's 1 TB).
     image::RgbImage::from_fn(4096, 4096, |x, y| image::Rgb([x as u8, y as u8, 5]))
         .save(data.join("huge.png"))
         .unwrap();
@@ -740,6 +740,8 @@ fn eval_refuses_an_image_whose_reconstruction_cannot_fit_with_the_estimate() {
                 data.to_str().unwrap(),
                 "--memory-budget",
                 "16GiB",
+                "--max-pixels",
+                "16777216",
             ])
             .env(BUDGET_ENV, "1T"),
         Duration::from_secs(60),

@@ -13,7 +13,7 @@ use crate::atomic_write::write_atomic;
 use crate::cli::EvalArgs;
 use crate::data::scan::IMAGE_EXTENSIONS;
 use crate::data::BadFile;
-use crate::eval::{evaluate, EvalSet, Evaluation};
+use crate::eval::{evaluate_fitting, EvalSet, Evaluation};
 use crate::paths::{canonical, refuse_overwrite};
 use crate::weights::{load_model, TEXT_FILE};
 
@@ -26,7 +26,7 @@ pub struct EvalReport {
     pub activation: String,
     #[serde(flatten)]
     pub evaluation: Evaluation,
-    /// Files that could not be decoded, with the reason.
+    /// Files that could not be decoded, or fit in --max-pixels or in memory, with the reason.
     pub skipped: Vec<BadFile>,
     pub notes: Vec<String>,
     /// Where the JSON went, if asked.
@@ -38,24 +38,52 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     if args.limit == Some(0) {
         anyhow::bail!("--limit must be at least 1");
     }
+    if args.max_pixels < 256 {
+        anyhow::bail!(
+            "--max-pixels {}: must be at least 256 (16x16)",
+            args.max_pixels
+        );
+    }
     if let Some(json) = &args.json {
         refuse_json_over_inputs(json, args)?;
     }
     let device = parse_device(&args.device)?;
-    let set = EvalSet::load(&args.data, args.limit, None)?;
+    let set = EvalSet::load(&args.data, args.limit, None, Some(args.max_pixels))?;
     let model = load_model(&args.checkpoint, DType::F32, &device)?.model;
-    let evaluation = evaluate(&model, &set, args.batch, DType::F32, &device)?;
+    let (evaluation, unfit) = evaluate_fitting(&model, &set, args.batch, DType::F32, &device)?;
+    if evaluation.images.is_empty() {
+        let first = unfit
+            .first()
+            .map(|b| format!(": {}: {}", b.path.display(), b.reason))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "no image of {} could be evaluated{first}",
+            args.data.display()
+        );
+    }
     let activation = model.config.activation.to_string();
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = set
+        .scaled
+        .iter()
+        .map(|s| {
+            format!(
+                "{}: {}x{} is more than --max-pixels {} at its training size; scaled down to \
+                 {}x{} first",
+                s.name, s.from.0, s.from.1, args.max_pixels, s.to.0, s.to.1
+            )
+        })
+        .collect();
     if let Some(n) = evaluation.ms_ssim_note() {
         notes.push(n);
     }
+    let mut skipped = set.skipped;
+    skipped.extend(unfit);
     let report = EvalReport {
         checkpoint: args.checkpoint.clone(),
         data: args.data.clone(),
         activation,
         evaluation,
-        skipped: set.skipped,
+        skipped,
         notes,
         json: args.json.clone(),
     };
@@ -143,7 +171,7 @@ impl fmt::Display for EvalReport {
             num(m.ms_ssim, 4)
         )?;
         if !self.skipped.is_empty() {
-            writeln!(f, "skipped {} unreadable file(s):", self.skipped.len())?;
+            writeln!(f, "skipped {} file(s):", self.skipped.len())?;
             for b in &self.skipped {
                 writeln!(f, "  {}: {}", b.path.display(), b.reason)?;
             }

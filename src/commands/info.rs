@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::cli::InfoArgs;
 use crate::model::{Activation, FluxModel, ModelConfig};
@@ -43,7 +43,12 @@ fn component(name: &str) -> Option<String> {
 pub fn run(args: &InfoArgs) -> Result<Info> {
     let tensors = read_tensors(&args.checkpoint)?;
     let (activation, mult) = read_architecture(&args.checkpoint)?;
-    let config = detect_config(&tensors, activation, mult)?;
+    let config = detect_config(&tensors, activation, mult).with_context(|| {
+        format!(
+            "cannot detect the model dimensions of {}",
+            args.checkpoint.display()
+        )
+    })?;
     let bezier = ModelConfig {
         activation: Activation::Bezier,
         baseline_width_mult: 1.0,

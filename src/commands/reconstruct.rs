@@ -2,17 +2,18 @@
 //! decode it with SPADE context, write it and report the PSNR.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use image::imageops::FilterType;
-use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::parse_device;
 use crate::cli::{Precision, ReconstructArgs};
-use crate::image_io::{from_tensor, load_rgb, save_image, to_tensor, to_training_size};
+use crate::image_io::{
+    from_tensor, load_rgb, save_image, to_tensor, to_training_size, within_pixels,
+};
 use crate::model::Noise;
 use crate::paths::refuse_overwrite;
 use crate::quality::{psnr, Planar};
@@ -25,27 +26,26 @@ pub struct Report {
     pub input_size: (u32, u32),
     pub size: (u32, u32),
     pub psnr_db: f64,
-    /// Set when the image had more than `--max-pixels` and was scaled down first: its size
-    /// after that.
+    /// Set when the image's training size had more than `--max-pixels` pixels and it was
+    /// scaled down first: its size after that (`size` is then at most `--max-pixels`).
     pub downscaled: Option<(u32, u32)>,
 }
 
-/// The image scaled down (aspect kept, Lanczos) to at most `max_pixels`, and its new size if it
-/// was.
-fn within_pixels(img: RgbImage, max_pixels: u64) -> (RgbImage, Option<(u32, u32)>) {
-    let (w, h) = img.dimensions();
-    let pixels = w as u64 * h as u64;
-    if pixels <= max_pixels {
-        return (img, None);
-    }
-    let scale = (max_pixels as f64 / pixels as f64).sqrt();
-    let nw = ((w as f64 * scale).floor() as u32).max(1);
-    let nh = ((h as f64 * scale).floor() as u32).max(1);
-    let small = image::imageops::resize(&img, nw, nh, FilterType::Lanczos3);
-    (small, Some((nw, nh)))
+/// How far a reconstruction has got, reported to the caller as it goes (the forward pass of a
+/// large image takes minutes on a CPU).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stage {
+    /// The image and the model are loaded; encoding starts at the training size `size`,
+    /// `tokens` latent positions (the attention's cost grows with their square).
+    Encoding { size: (u32, u32), tokens: usize },
+    /// Encoding took this long; decoding starts.
+    Decoding(Duration),
+    /// Decoding took this long.
+    Decoded(Duration),
 }
 
-pub fn run(args: &ReconstructArgs) -> Result<Report> {
+/// Reconstructs `args.image`, calling `progress` at each [`Stage`].
+pub fn run(args: &ReconstructArgs, progress: &mut dyn FnMut(&Stage)) -> Result<Report> {
     let device = parse_device(&args.device)?;
     let dtype = match args.dtype {
         Precision::F32 => DType::F32,
@@ -83,7 +83,8 @@ pub fn run(args: &ReconstructArgs) -> Result<Report> {
     )?;
     let original = load_rgb(&args.image)?;
     let input_size = original.dimensions();
-    let (original, downscaled) = within_pixels(original, args.max_pixels);
+    let (original, downscaled) = within_pixels(original, args.max_pixels)
+        .with_context(|| format!("{}: --max-pixels {}", args.image.display(), args.max_pixels))?;
     let img = to_training_size(original);
     let model = load_model(&args.checkpoint, dtype, &device)?.model;
     let (w, h) = img.dimensions();
@@ -99,11 +100,25 @@ pub fn run(args: &ReconstructArgs) -> Result<Report> {
     } else {
         Noise::Mean
     };
+    let down = 1usize << model.config.downscales.min(16);
+    progress(&Stage::Encoding {
+        size: (w, h),
+        tokens: (w as usize / down).max(1) * (h as usize / down).max(1),
+    });
+    let t0 = Instant::now();
     let enc = model
         .compressor
         .forward(&x, noise)
         .with_context(|| format!("cannot encode {}", args.image.display()))?;
-    let y = model.expander.forward(&enc.packed, true)?;
+    device.synchronize()?;
+    progress(&Stage::Decoding(t0.elapsed()));
+    let t0 = Instant::now();
+    let y = model
+        .expander
+        .forward(&enc.packed, true)
+        .with_context(|| format!("cannot decode {}", args.image.display()))?;
+    device.synchronize()?;
+    progress(&Stage::Decoded(t0.elapsed()));
     let out_img = from_tensor(&y.squeeze(0)?)?;
     save_image(&out_img, &output)?;
     Ok(Report {

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::captions::slash_path;
 
-/// Bumped whenever the file's meaning changes; part of the key and checked on load.
-const VERSION: u32 = 1;
+/// Bumped whenever the file's meaning changes; part of the key and checked on load. 2: sizes
+/// are upright (EXIF orientation applied) and cut-off JPEGs are recorded as errors.
+const VERSION: u32 = 2;
 
 /// One image file as listed: what the cache key covers.
 #[derive(Debug, Clone)]

@@ -41,10 +41,11 @@ impl Default for LoaderConfig {
 /// ((x / 255 - 0.5) / 0.5 of the 8-bit RGB values after the Lanczos resize).
 ///
 /// Files that failed to decode are left out, so `batch_size` may be smaller than the sampler's
-/// batch, even 0: such an empty batch is still delivered (with its bucket's `height` and
-/// `width`) so that the caller can count it, skip it and still save its position. A file is
-/// listed in `bad` only at its first failure; from then on it is dropped from the run without
-/// being read again (see [`Loader::unreadable`]).
+/// batch, even 0: such an empty batch is delivered (with its bucket's `height` and `width`)
+/// when it names a file that failed for the first time (or when every file has failed), so
+/// that the caller can report it, skip it and still save its position. A file is listed in
+/// `bad` only at its first failure; from then on it is dropped from the run without being read
+/// again, and batches left empty by dropped files are passed over (see [`Loader::unreadable`]).
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub images: Vec<f32>,
@@ -201,6 +202,11 @@ impl Iterator for Loader {
                 self.state = batch.state_after();
                 lock(&self.shared.dispatch).delivered = self.next_seq;
                 self.shared.wake.notify_all();
+                if batch.is_empty() && batch.bad.is_empty() && !self.exhausted() {
+                    // Its files failed in a batch decoded at the same time and were named
+                    // there: nothing to train on and nothing to report.
+                    continue;
+                }
                 return Some((batch, start.elapsed()));
             }
             let (seq, batch) = rx.recv().ok()?;
@@ -237,7 +243,7 @@ fn worker(shared: &Shared, tx: &SyncSender<(u64, Batch)>) {
             if shared.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let Some(indices) = d.sampler.next_batch() else {
+            let Some(indices) = next_live_batch(&mut d.sampler, &shared.failed) else {
                 return;
             };
             let seq = d.next_seq;
@@ -252,6 +258,23 @@ fn worker(shared: &Shared, tx: &SyncSender<(u64, Batch)>) {
         };
         if tx.send((seq, batch)).is_err() {
             return;
+        }
+    }
+}
+
+/// The sampler's next batch without the files that have failed to decode. A batch left empty
+/// is passed over, so an unreadable file no longer takes part in its bucket and a bucket of
+/// unreadable files drops out of the schedule; the order of the other batches, and so a
+/// resumed run's, stays the sampler's. After a whole epoch of empty batches (every file has
+/// failed) the empty batch is returned, for the consumer to see that nothing is left.
+fn next_live_batch(sampler: &mut BatchSampler, failed: &[AtomicBool]) -> Option<Vec<usize>> {
+    let mut left = sampler.batches_per_epoch().max(1);
+    loop {
+        let mut batch = sampler.next_batch()?;
+        batch.retain(|&i| !failed.get(i).is_some_and(|f| f.load(Ordering::SeqCst)));
+        left -= 1;
+        if !batch.is_empty() || left == 0 {
+            return Some(batch);
         }
     }
 }

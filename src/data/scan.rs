@@ -1,6 +1,7 @@
 //! Scanning the data folder: image files found recursively, sizes from headers only (cached),
 //! training sizes by the reference rule after the `img_size` cap, captions attached.
 
+use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
@@ -10,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use super::cache::{self, FileStamp, Header};
 use super::captions::Captions;
 use super::{BadFile, Dataset, Entry};
+use crate::image_io::upright_size;
 use crate::resize_rule::bucket_size;
 
 /// File extensions (compared case-insensitively) taken as images; everything else is ignored.
@@ -20,8 +22,10 @@ pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 /// `<cache_dir>/<hash>.dimensions.json` when the listing (paths, modification times, lengths),
 /// the folder and `img_size` are unchanged (a missing or corrupt cache is rebuilt).
 ///
-/// Files whose header is empty, truncated or unreadable are left out and listed in
-/// `Dataset::bad`. Symlinked files are followed, symlinked folders are not (no loops).
+/// Files whose header is empty, truncated or unreadable (and JPEGs cut off anywhere, which are
+/// read whole) are left out and listed in `Dataset::bad`; sizes are upright (EXIF orientation
+/// applied). Symlinked files and folders are followed, each folder walked once (no loops, no
+/// duplicates).
 /// Errors: a missing or empty folder, or one without a single usable image ("no images found
 /// in <folder>"); an unreadable or malformed captions file; `img_size` of 0; a cache that
 /// cannot be written.
@@ -112,12 +116,22 @@ fn is_image(path: &Path) -> bool {
 }
 
 /// Image files under `root`, sorted by relative path; unreadable subfolders become BadFiles.
+///
+/// Symlinked files are followed. Symlinked folders are followed once: every folder is walked
+/// at most once, by its canonical path, so a link back up the tree (a loop) or a second way
+/// into a folder already walked adds nothing. Real folders are walked before linked ones, and
+/// linked ones in path order, so a folder reached both ways is listed under its real path.
 fn list_images(root: &Path) -> Result<(Vec<FileStamp>, Vec<BadFile>)> {
     let mut files = Vec::new();
     let mut bad = Vec::new();
+    let mut walked: HashSet<PathBuf> = HashSet::new();
     let mut stack = vec![PathBuf::new()];
-    while let Some(rel_dir) = stack.pop() {
+    let mut linked: BTreeSet<PathBuf> = BTreeSet::new();
+    while let Some(rel_dir) = stack.pop().or_else(|| linked.pop_first()) {
         let dir = root.join(&rel_dir);
+        if !walked.insert(dir.canonicalize().unwrap_or_else(|_| dir.clone())) {
+            continue;
+        }
         let read = match fs::read_dir(&dir) {
             Ok(r) => r,
             Err(e) if rel_dir.as_os_str().is_empty() => {
@@ -144,10 +158,16 @@ fn list_images(root: &Path) -> Result<(Vec<FileStamp>, Vec<BadFile>)> {
                 }
             };
             let rel = rel_dir.join(item.file_name());
-            let is_real_dir = item.file_type().is_ok_and(|t| t.is_dir());
-            if is_real_dir {
-                stack.push(rel);
-                continue;
+            match item.file_type() {
+                Ok(t) if t.is_dir() => {
+                    stack.push(rel);
+                    continue;
+                }
+                Ok(t) if t.is_symlink() && fs::metadata(item.path()).is_ok_and(|m| m.is_dir()) => {
+                    linked.insert(rel);
+                    continue;
+                }
+                _ => {}
             }
             if !is_image(&rel) {
                 continue;
@@ -162,7 +182,7 @@ fn list_images(root: &Path) -> Result<(Vec<FileStamp>, Vec<BadFile>)> {
                         .map_or(0, |d| d.as_nanos()),
                     len: m.len(),
                 }),
-                Ok(_) => {} // a symlink to a folder, or something that is not a file
+                Ok(_) => {} // a device, a pipe: not an image file
                 Err(e) => bad.push(BadFile {
                     path: item.path(),
                     reason: format!("cannot stat: {e}"),
@@ -205,14 +225,10 @@ fn read_header(path: &Path, len: u64) -> Header {
     if len == 0 {
         return Header::Bad("empty file".into());
     }
-    let reader = match image::ImageReader::open(path).and_then(|r| r.with_guessed_format()) {
-        Ok(r) => r,
-        Err(e) => return Header::Bad(format!("cannot open: {e}")),
-    };
-    match reader.into_dimensions() {
+    match upright_size(path) {
         Ok((w, h)) if w > 0 && h > 0 => Header::Size(w, h),
         Ok((w, h)) => Header::Bad(format!("header gives an empty size {w}x{h}")),
-        Err(e) => Header::Bad(format!("unreadable image header: {e}")),
+        Err(e) => Header::Bad(format!("{e:#}")),
     }
 }
 

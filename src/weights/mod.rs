@@ -13,6 +13,6 @@ pub mod read;
 pub mod write;
 
 pub use detect::{detect_config, read_architecture};
-pub use model_file::{load_model, save_model, Loaded, TEXT_FILE};
+pub use model_file::{load_model, load_model_as, save_model, Loaded, TEXT_FILE};
 pub use read::{check_finite, read_tensors, read_tensors_where};
 pub use write::{to_safetensors_bytes, to_safetensors_bytes_exact};

@@ -4,14 +4,17 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
-use super::detect::{detect_config, read_architecture, ACTIVATION_KEY, WIDTH_MULT_KEY};
+use super::detect::{
+    detect_config, determined_fields, differing_fields, read_architecture, ACTIVATION_KEY,
+    WIDTH_MULT_KEY,
+};
 use super::read::{check_finite, read_tensors_where};
 use super::write::{serialize, to_safetensors_bytes};
 use crate::atomic_write::write_atomic;
-use crate::model::{FluxModel, DIFFUSER, TEXT};
+use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
 use crate::params::ParamStore;
 
 /// File name of the text projection beside a model file (the reference's name).
@@ -38,6 +41,28 @@ pub struct Loaded {
 /// be; tensors under other prefixes, and the reference's text backbone ([`TEXT_BACKBONE`],
 /// never read), are ignored. Non-finite weights are refused ([`check_finite`]).
 pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    load(path, None, dtype, device)
+}
+
+/// [`load_model`] as a model of `config` (a run's warm start): the dimensions the file's
+/// shapes and metadata determine ([`determined_fields`]) must equal `config`'s, and an error
+/// names the file and each field that differs (`vae_dim: file 16, config 32`); the ones they
+/// cannot determine (`vae_attn_heads`, ...) are taken from `config`.
+pub fn load_model_as(
+    path: &Path,
+    config: &ModelConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
+    load(path, Some(config), dtype, device)
+}
+
+fn load(
+    path: &Path,
+    wanted: Option<&ModelConfig>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
     let mut tensors = read_tensors_where(path, not_backbone)?;
     check_finite(&tensors, path)?;
     let mut text_source = None;
@@ -57,8 +82,23 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> 
         }
     }
     let (activation, mult) = read_architecture(path)?;
-    let cfg = detect_config(&tensors, activation, mult)
+    let detected = detect_config(&tensors, activation, mult)
         .with_context(|| format!("cannot detect the model dimensions of {}", path.display()))?;
+    let cfg = match wanted {
+        None => detected,
+        Some(wanted) => {
+            let differ = differing_fields(&detected, wanted, &determined_fields(&tensors));
+            if !differ.is_empty() {
+                bail!(
+                    "{} holds a model of other dimensions than the configuration's model \
+                     section: {}",
+                    path.display(),
+                    differ.join("; ")
+                );
+            }
+            wanted.clone()
+        }
+    };
     let fresh: Vec<String> = match text_source {
         Some(_) => vec![],
         None => vec![TEXT.to_string()],

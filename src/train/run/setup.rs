@@ -323,17 +323,10 @@ pub fn start(
     cfg.output.eval_data = cfg.output.eval_data.as_ref().map(absolute);
     let model = match &cfg.model_checkpoint {
         Some(p) => {
-            let loaded = crate::weights::load_model(p, dtype, &device)
-                .with_context(|| format!("model_checkpoint: {}", p.display()))?;
-            if loaded.model.config != cfg.model_config() {
-                bail!(
-                    "model_checkpoint {} has dimensions {:?}, the model section asks for {:?}",
-                    p.display(),
-                    loaded.model.config,
-                    cfg.model_config()
-                );
-            }
-            loaded.model
+            // The loader's errors name the file.
+            crate::weights::load_model_as(p, &cfg.model_config(), dtype, &device)
+                .context("model_checkpoint")?
+                .model
         }
         None => FluxModel::fresh(&cfg.model_config(), dtype, &device, cfg.training.seed)?,
     };
@@ -395,7 +388,7 @@ fn load_eval_set(cfg: &Config) -> Result<Option<EvalSet>> {
     let Some(root) = &cfg.output.eval_data else {
         return Ok(None);
     };
-    EvalSet::load(root, Some(cfg.output.eval_limit), cfg.data.img_size)
+    EvalSet::load(root, Some(cfg.output.eval_limit), cfg.data.img_size, None)
         .with_context(|| format!("output.eval_data: {}", root.display()))
         .map(Some)
 }

@@ -290,7 +290,11 @@ impl Run {
             }
             n.sampler = batch.state_after();
             if batch.is_empty() {
-                empty_streak += 1;
+                // A batch that names a newly unreadable file has dropped it from the run: that
+                // is progress (each file is named once), so only the others count.
+                if batch.bad.is_empty() {
+                    empty_streak += 1;
+                }
                 if loader.exhausted() {
                     bail!(
                         "no readable image remains in {}: all {} images failed to decode",
