@@ -211,6 +211,7 @@ pub fn start(
     let (dataset, template_paths) = prepare_data(&cfg, &dir, events)?;
     let device = cfg.training.device.open()?;
     let dtype = dtype_of(&cfg);
+    crate::memory::check_model_fits(&cfg.model_config(), dtype, true, &device)?;
     check_batch_fits(&cfg, &dataset, dtype, &device)?;
     // Absolute paths in the run's config copy, so `resume` works from any folder.
     let absolute = |p: &PathBuf| p.canonicalize().unwrap_or_else(|_| p.clone());
