@@ -320,3 +320,351 @@ data: {data_path: unused}
     let t = refused("config", &o, &["--mixed-precision fp16", "CUDA"]);
     assert!(!t.contains("--set"), "{t}");
 }
+
+/// Every file under `dir`, by relative path, with its bytes.
+fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Copies a folder tree.
+fn copy_tree(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    for (rel, bytes) in files(from) {
+        let p = to.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+fn resume(run: &Path) -> Output {
+    run_within(
+        bin().args(["resume", "--output", run.to_str().unwrap()]),
+        Duration::from_secs(120),
+    )
+}
+
+/// A finished 4-step run of the tiny configuration (one checkpoint, at step 4), trained once
+/// per test binary and copied for each case.
+fn finished_run(dir: &Path) -> PathBuf {
+    let cfg = config(dir, "");
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--max-steps",
+        "4",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    dir.join("run")
+}
+
+#[test]
+fn state_json_values_outside_their_domain_are_refused_naming_file_key_and_value() {
+    let dir = tmpdir("state-values");
+    let pristine = finished_run(&dir);
+    let state_rel = Path::new("checkpoints/step-00000004/state.json");
+    // (edit of state.json's "loop", the key path and value the error must name)
+    type Edit = fn(&mut serde_json::Value);
+    let cases: &[(Edit, &str, &str)] = &[
+        (
+            |s| s["trainers"]["vae"]["optimizer"]["lr"] = "NaN".into(),
+            "loop.trainers.vae.optimizer.lr",
+            "NaN",
+        ),
+        (
+            |s| s["trainers"]["vae"]["scheduler"]["lr"] = "-1e-3".into(),
+            "loop.trainers.vae.scheduler.lr",
+            "-0.001",
+        ),
+        // Finite in float64, infinite in float32.
+        (
+            |s| s["trainers"]["vae"]["scheduler"]["base_lr"] = "1e39".into(),
+            "loop.trainers.vae.scheduler.base_lr",
+            "1e39",
+        ),
+        (
+            |s| s["trainers"]["vae"]["optimizer"]["spec"]["lr"] = (-1.0).into(),
+            "loop.trainers.vae.optimizer.spec",
+            "-1",
+        ),
+        (
+            |s| s["trainers"]["vae"]["config"]["ema_decay"] = 5.0.into(),
+            "loop.trainers.vae.config.ema_decay",
+            "5",
+        ),
+        (
+            |s| s["trainers"]["vae"]["config"]["kl_beta"] = 1e6.into(),
+            "loop.trainers.vae.config.kl_beta",
+            "1000000",
+        ),
+        (
+            |s| s["trainers"]["vae"]["config"]["kl_beta"] = (-1.0).into(),
+            "loop.trainers.vae.config.kl_beta",
+            "-1",
+        ),
+        (
+            |s| s["sampler"]["epoch"] = 1_000_000_000_000_000_000u64.into(),
+            "loop.sampler.epoch",
+            "1000000000000000000",
+        ),
+        (
+            |s| s["total_steps"] = 1_000_000_000_000_000_000u64.into(),
+            "loop.total_steps",
+            "1000000000000000000",
+        ),
+        (
+            |s| s["sampler"]["position"] = 99.into(),
+            "loop.sampler.position",
+            "99",
+        ),
+        (
+            |s| s["trainers"]["vae"]["adaptive"]["recon"]["capacity"] = 0.into(),
+            "loop.trainers.vae.adaptive.recon.capacity",
+            "0",
+        ),
+        (
+            |s| s["vae_avg"]["items"][0] = "NaN".into(),
+            "loop.vae_avg",
+            "invalid type",
+        ),
+        (
+            |s| s["trainers"]["vae"]["config"]["kl_beta"] = "abc".into(),
+            "loop.trainers.vae.config.kl_beta",
+            "abc",
+        ),
+    ];
+    for (i, (edit, key, value)) in cases.iter().enumerate() {
+        let run = dir.join(format!("case{i}"));
+        copy_tree(&pristine, &run);
+        let state_path = run.join(state_rel);
+        let mut state = read_json(&state_path);
+        edit(&mut state["loop"]);
+        std::fs::write(&state_path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+        let before = files(&run.join("checkpoints"));
+        let o = resume(&run);
+        refused(key, &o, &[&state_path.display().to_string(), key, value]);
+        // Refused before anything was trained or written.
+        assert!(
+            files(&run.join("checkpoints")) == before,
+            "{key}: the checkpoints changed"
+        );
+    }
+}
+
+#[test]
+fn run_yaml_values_are_checked_on_resume_in_the_training_dtype() {
+    let dir = tmpdir("run-yaml-values");
+    let run = finished_run(&dir);
+    let yaml = run.join("run.yaml");
+    let text0 = std::fs::read_to_string(&yaml).unwrap();
+    for (from, to, needles) in [
+        (
+            "  lr: 0.001",
+            "  lr: 1.0e39",
+            &["training.lr is 1e39", "float32"][..],
+        ),
+        (
+            "  ema_decay: 0.999",
+            "  ema_decay: 5.0",
+            &["training.ema_decay", "5"][..],
+        ),
+        (
+            "  workers: 1",
+            "  workers: 100000",
+            &["training.workers", "100000"][..],
+        ),
+    ] {
+        assert!(text0.contains(from), "{from} not in run.yaml");
+        std::fs::write(&yaml, text0.replace(from, to)).unwrap();
+        let o = resume(&run);
+        let mut all = needles.to_vec();
+        let named = yaml.display().to_string();
+        all.push(&named);
+        refused(to, &o, &all);
+    }
+}
+
+/// (global_step, vae_lr) of every metrics row with a training loss.
+fn lrs(run: &Path) -> Vec<(u64, f64)> {
+    let log = std::fs::read_to_string(run.join("graph/training_metrics.jsonl")).unwrap();
+    log.lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["extras"].get("step_vae_loss")?;
+            Some((
+                v["global_step"].as_u64().unwrap(),
+                v["learning_rates"]["vae_lr"].as_f64()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn a_max_steps_changed_in_run_yaml_is_honoured_on_resume_with_a_warning() {
+    let dir = tmpdir("max-steps");
+    // 8 steps, checkpoints at 4 and 8; the one at 8 is dropped so the run resumes mid-cosine.
+    let cfg = config(&dir, "");
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--max-steps",
+        "8",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let run_dir = dir.join("run");
+    std::fs::remove_dir_all(run_dir.join("checkpoints/step-00000008")).unwrap();
+    let yaml = run_dir.join("run.yaml");
+    let y = std::fs::read_to_string(&yaml).unwrap();
+    assert!(y.contains("max_steps: 8"));
+    std::fs::write(&yaml, y.replace("max_steps: 8", "max_steps: 12")).unwrap();
+    let o = resume(&run_dir);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("the run's length changed from 8 to 12 steps")
+            && t.contains("training.max_steps 12")
+            && t.contains(&yaml.display().to_string())
+            && t.contains("CosineAnnealingLR now reaches its eta_min 1e-4 at step 12"),
+        "{t}"
+    );
+    assert!(t.contains("at step 12/12"), "{t}");
+    let state = read_json(&run_dir.join("checkpoints/step-00000012/state.json"));
+    assert_eq!(state["loop"]["total_steps"], 12);
+    assert_eq!(state["loop"]["trainers"]["vae"]["scheduler"]["t_max"], 12);
+    // The learning rate falls on from where it was, without a jump, to eta_min at step 12.
+    let lr = lrs(&run_dir);
+    let at = |s: u64| lr.iter().rev().find(|p| p.0 == s).unwrap().1;
+    for s in 4..12 {
+        assert!(at(s + 1) < at(s), "lr rose at step {}: {lr:?}", s + 1);
+    }
+    assert!((at(12) - 1e-4).abs() < 1e-12, "{lr:?}");
+
+    // Lowered below the step reached: nothing left to train, and nothing touched.
+    let y = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(&yaml, y.replace("max_steps: 12", "max_steps: 6")).unwrap();
+    let before = files(&run_dir.join("checkpoints"));
+    let o = resume(&run_dir);
+    refused(
+        "max_steps 6",
+        &o,
+        &[
+            &yaml.display().to_string(),
+            "training.max_steps 6",
+            "6 steps long",
+            "at step 12",
+        ],
+    );
+    assert!(files(&run_dir.join("checkpoints")) == before);
+}
+
+/// A tiny model's configuration training on the image folder `data`.
+fn data_config(dir: &Path, data: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(config(dir, "")).unwrap().replace(
+        "  synthetic: {count: 16, width: 32, height: 32, seed: 1}",
+        &format!("  data_path: {}", data.display()),
+    );
+    let p = dir.join("config.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn a_data_set_changed_under_a_resumed_run_is_trained_on_with_a_warning_counting_the_changes() {
+    let dir = tmpdir("data-changed");
+    let data = dir.join("data");
+    let first = images(&data, 0, 8);
+    let cfg = data_config(&dir, &data);
+    // 4 batches per epoch; 6 steps, stopped mid-epoch 1 with a checkpoint at step 6.
+    let o = run(bin().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--set",
+        "output.checkpoint_save_interval=3",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let run_dir = dir.join("run");
+    let ckpt = run_dir.join("checkpoints/step-00000006");
+    let images_json = read_json(&ckpt.join("images.json"));
+    assert_eq!(images_json["images"].as_array().unwrap().len(), 8);
+    let state = read_json(&ckpt.join("state.json"));
+    assert_eq!(state["loop"]["sampler"]["epoch"], 1);
+    assert_eq!(state["loop"]["sampler"]["position"], 2);
+
+    // Two images removed, three added: 9 images, 5 batches per epoch.
+    std::fs::remove_file(&first[0]).unwrap();
+    std::fs::remove_file(&first[5]).unwrap();
+    images(&data, 20, 3);
+    let yaml = run_dir.join("run.yaml");
+    let y = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(&yaml, y.replace("max_steps: 6", "max_steps: 10")).unwrap();
+    let o = resume(&run_dir);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("the data set in")
+            && t.contains("3 image(s) added, 2 removed")
+            && t.contains("added: img20.png, img21.png, img22.png")
+            && t.contains("removed: img0.png, img5.png")
+            && t.contains("(9 images, 5 batches per epoch) from the start of epoch 2"),
+        "{t}"
+    );
+    assert!(t.contains("at step 10/10"), "{t}");
+    let ckpt = run_dir.join("checkpoints/step-00000010");
+    let now = read_json(&ckpt.join("images.json"));
+    let names: Vec<&str> = now["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i[0].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 9);
+    assert!(names.contains(&"img21.png") && !names.contains(&"img0.png"));
+    let state = read_json(&ckpt.join("state.json"));
+    assert_eq!(state["loop"]["steps_per_epoch"], 5);
+    assert_eq!(state["loop"]["sampler"]["epoch"], 2);
+    assert_eq!(state["loop"]["sampler"]["position"], 4);
+
+    // A checkpoint that lists no images (written before they were recorded): a changed number
+    // of batches per epoch is still noticed, and said to be all that is known.
+    let mut state = read_json(&ckpt.join("state.json"));
+    state["manifest"]["files"]
+        .as_object_mut()
+        .unwrap()
+        .remove("images.json");
+    std::fs::write(ckpt.join("state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    std::fs::remove_file(ckpt.join("images.json")).unwrap();
+    images(&data, 30, 2);
+    let y = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(&yaml, y.replace("max_steps: 10", "max_steps: 11")).unwrap();
+    let o = resume(&run_dir);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("an epoch had 5 batches, now 6") && t.contains("is not known"),
+        "{t}"
+    );
+}
