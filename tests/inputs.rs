@@ -668,3 +668,206 @@ fn a_data_set_changed_under_a_resumed_run_is_trained_on_with_a_warning_counting_
         "{t}"
     );
 }
+
+/// A reference-shaped run folder: `graph/training_metrics.jsonl` with `lines`.
+fn metrics_run(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
+    let run = dir.join(name);
+    std::fs::create_dir_all(run.join("graph")).unwrap();
+    std::fs::write(run.join("graph/training_metrics.jsonl"), lines.join("\n")).unwrap();
+    run
+}
+
+fn row(step: u64, loss: f64) -> String {
+    format!(
+        r#"{{"global_step": {step}, "metrics": {{"vae_loss": {loss}}}, "extras": {{"batch_time": 0.5}}}}"#
+    )
+}
+
+#[test]
+fn compare_names_malformed_lines_and_refuses_thresholds_that_mean_nothing() {
+    let dir = tmpdir("compare");
+    let good: Vec<String> = (1..=6).map(|s| row(s, 1.0 / s as f64)).collect();
+    let a = metrics_run(&dir, "a", &good);
+    let mut lines = good.clone();
+    lines.insert(2, "{not json".into());
+    lines.insert(4, r#"{"global_step": "five"}"#.into());
+    let b = metrics_run(&dir, "b", &lines);
+    let out = dir.join("cmp");
+    let (a_s, b_s, out_s) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let o = run(bin().args(["compare", a_s, b_s, "-o", out_s]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let metrics = b.join("graph/training_metrics.jsonl");
+    let warning = format!(
+        "{}: skipped 2 malformed line(s) (not a JSON row with an integer global_step): line 3 and 5",
+        metrics.display()
+    );
+    assert!(t.contains(&format!("warning: {warning}")), "{t}");
+    let md = std::fs::read_to_string(out.join("comparison.md")).unwrap();
+    assert!(md.contains(&warning), "{md}");
+    assert!(!t.contains(&a.join("graph").display().to_string()), "{t}");
+
+    for (args, needle) in [
+        (
+            &["--psnr", "NaN"][..],
+            "--psnr NaN: a threshold must be a finite number",
+        ),
+        (
+            &["--loss", "inf"][..],
+            "--loss inf: a threshold must be a finite number",
+        ),
+        (&["--last", "0"][..], "--last 0"),
+    ] {
+        let o = run(bin().args(["compare", a_s, b_s, "-o", out_s]).args(args));
+        refused(needle, &o, &[needle]);
+    }
+}
+
+#[test]
+fn eval_refuses_a_batch_of_zero() {
+    let dir = tmpdir("eval-batch");
+    let data = dir.join("data");
+    images(&data, 0, 1);
+    let ckpt = common::parity("tiny16.safetensors");
+    let o = run(bin().args([
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--batch",
+        "0",
+    ]));
+    refused("--batch 0", &o, &["--batch 0: must be at least 1"]);
+}
+
+/// `file` rewritten with its safetensors metadata changed by `edit`.
+fn with_metadata(
+    file: &Path,
+    out: &Path,
+    edit: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
+) {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let obj = header.as_object_mut().unwrap();
+    let meta = obj
+        .entry("__metadata__")
+        .or_insert_with(|| serde_json::json!({}));
+    edit(meta.as_object_mut().unwrap());
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut v = (h.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(&h);
+    v.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(out, v).unwrap();
+}
+
+#[test]
+fn info_reports_non_finite_weights_by_tensor_and_count() {
+    let dir = tmpdir("info-nan");
+    let file = dir.join("nan.safetensors");
+    let victim = "diffuser.compressor.latent_proj.0.0.weight";
+    let mut tensors = common::tiny16();
+    let t = &tensors[victim];
+    let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    v[0] = f32::NAN;
+    v[3] = f32::INFINITY;
+    let n = v.len();
+    let bad = candle_core::Tensor::from_vec(v, t.shape(), t.device()).unwrap();
+    tensors.insert(victim.into(), bad);
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let o = run(bin().args(["info", file.to_str().unwrap()]));
+    refused(
+        "NaN weights",
+        &o,
+        &[
+            "non-finite values (NaN or infinity) in 1 tensor(s)",
+            &format!("{victim}: 2 of {}", fluxflow::commands::info::group(n)),
+            "1 tensor(s) hold non-finite values",
+            // What it is reported beside: the description still comes.
+            "model dimensions",
+        ],
+    );
+}
+
+#[test]
+fn info_says_which_metadata_contradicts_which_tensor_shapes() {
+    let dir = tmpdir("info-meta");
+    let tiny = common::parity("tiny16.safetensors");
+    // A baseline activation recorded on a Bezier-shaped file.
+    let relu_on_bezier = dir.join("relu-on-bezier.safetensors");
+    with_metadata(&tiny, &relu_on_bezier, |m| {
+        m.insert("fluxflow.activation".into(), "relu".into());
+    });
+    let o = run(bin().args(["info", relu_on_bezier.to_str().unwrap()]));
+    refused(
+        "relu metadata",
+        &o,
+        &[
+            "its metadata says fluxflow.activation = relu",
+            "its tensor shapes are a Bezier model's",
+            "diffuser.compressor.latent_proj.1.0.weight has 80 output channels, 5 x the 16",
+        ],
+    );
+
+    // A baseline file: without its metadata it would be read as Bezier; with another width
+    // multiplier its shapes do not match.
+    let cfg = fluxflow::model::ModelConfig {
+        vae_dim: 8,
+        flow_dim: 8,
+        flow_heads: 2,
+        flow_layers: 1,
+        vae_attn_layers: 1,
+        vae_attn_heads: 2,
+        text_embedding_dim: 8,
+        text_hidden: 8,
+        activation: fluxflow::model::Activation::Relu,
+        baseline_width_mult: 3.0,
+        ..fluxflow::model::ModelConfig::default()
+    };
+    let model = fluxflow::model::FluxModel::fresh(
+        &cfg,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        0,
+    )
+    .unwrap();
+    let baseline = dir.join("flxflow_final.safetensors");
+    fluxflow::weights::save_model(&model, &baseline).unwrap();
+    let o = run(bin().args(["info", baseline.to_str().unwrap()]));
+    assert!(o.status.success(), "{}", text(&o));
+    let stripped = dir.join("stripped.safetensors");
+    with_metadata(&baseline, &stripped, |m| {
+        m.remove("fluxflow.activation");
+        m.remove("fluxflow.baseline_width_mult");
+    });
+    let o = run(bin().args(["info", stripped.to_str().unwrap()]));
+    refused(
+        "no metadata",
+        &o,
+        &[
+            "no fluxflow.activation in its metadata, which means a Bezier model",
+            "its tensor shapes are a baseline's",
+        ],
+    );
+    let other_width = dir.join("width.safetensors");
+    with_metadata(&baseline, &other_width, |m| {
+        m.insert("fluxflow.baseline_width_mult".into(), "2".into());
+    });
+    let o = run(bin().args(["info", other_width.to_str().unwrap()]));
+    refused(
+        "width 2",
+        &o,
+        &[
+            "its tensor shapes do not match the model its metadata describes",
+            "fluxflow.baseline_width_mult = 2",
+        ],
+    );
+}

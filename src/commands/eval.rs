@@ -36,6 +36,9 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     if args.limit == Some(0) {
         anyhow::bail!("--limit must be at least 1");
     }
+    if args.batch == 0 {
+        anyhow::bail!("--batch 0: must be at least 1 (images per forward pass)");
+    }
     let device = parse_device(&args.device)?;
     let set = EvalSet::load(&args.data, args.limit, None)?;
     let model = load_model(&args.checkpoint, DType::F32, &device)?.model;
