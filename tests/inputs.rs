@@ -871,3 +871,35 @@ fn info_says_which_metadata_contradicts_which_tensor_shapes() {
         ],
     );
 }
+
+#[test]
+fn step_settings_edited_in_run_yaml_are_said_on_resume_and_loss_weights_followed() {
+    let dir = tmpdir("step-settings");
+    let run_dir = finished_run(&dir);
+    let yaml = run_dir.join("run.yaml");
+    let y = std::fs::read_to_string(&yaml).unwrap();
+    for from in ["  kl_beta: 0.0001", "  train_spade: true", "  max_steps: 4"] {
+        assert!(y.contains(from), "{from} not in run.yaml");
+    }
+    let y = y
+        .replace("  kl_beta: 0.0001", "  kl_beta: 0.001")
+        .replace("  train_spade: true", "  train_spade: false")
+        .replace("  max_steps: 4", "  max_steps: 6");
+    std::fs::write(&yaml, y).unwrap();
+    let o = resume(&run_dir);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("training.kl_beta is 0.001 in run.yaml, 0.0001 in the checkpoint: training goes on with 0.001"),
+        "{t}"
+    );
+    assert!(
+        t.contains("training.train_spade is false in run.yaml, true in the checkpoint")
+            && t.contains("goes on with true"),
+        "{t}"
+    );
+    let state = read_json(&run_dir.join("checkpoints/step-00000006/state.json"));
+    let c = &state["loop"]["trainers"]["vae"]["config"];
+    assert_eq!(c["kl_beta"], 0.001);
+    assert_eq!(c["use_spade"], true);
+}

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use super::checks::check_loop_state;
 use super::events::{Events, Level};
+use super::resume_settings::settings_for_resume;
 use super::state::{reference_lrs, reference_training_state, LoopState};
 use super::step_loop::{Counters, Run};
 use super::writer::{Snapshot, Writer};
@@ -200,6 +201,8 @@ pub(super) struct Restored {
     pub state: LoopState,
     /// The data set it trained on, when it records one.
     pub data: Option<DataRecord>,
+    /// Step settings in which `run.yaml` and the checkpoint differ, and which is used.
+    pub notes: Vec<String>,
 }
 
 /// Model, trainer and loop state from one checkpoint folder, every value of its state checked
@@ -305,6 +308,8 @@ pub(super) fn restore(
             ckpt.join(STATE_FILE).display()
         )
     })?;
+    let mut vae_state = vae_state.clone();
+    let notes = settings_for_resume(&mut vae_state.config, &cfg.step_config());
     let opt = optim::build("vae", &vae_state.optimizer.spec, vae_params(&model))?;
     let mut trainer = VaeTrainer::new(
         vae_state.config.clone(),
@@ -312,11 +317,12 @@ pub(super) fn restore(
         opt,
         vae_state.scheduler.clone(),
     )?;
-    trainer.load_state(vae_state, &by_model.remove("vae").unwrap_or_default())?;
+    trainer.load_state(&vae_state, &by_model.remove("vae").unwrap_or_default())?;
     Ok(Restored {
         model,
         trainer,
         state,
         data,
+        notes,
     })
 }

@@ -5,6 +5,7 @@
 mod checkpoint;
 mod checks;
 mod events;
+mod resume_settings;
 mod setup;
 mod state;
 mod step_loop;

@@ -446,6 +446,7 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
         mut trainer,
         mut state,
         data,
+        notes,
     }) = restored
     else {
         bail!(
@@ -454,6 +455,9 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
             newest_error.unwrap_or_default()
         );
     };
+    for note in notes {
+        events.log(Level::Warn, &format!("{}: {note}", cfg_path.display()));
+    }
     let mut sampler = BatchSampler::new(&dataset, cfg.training.batch_size, cfg.training.seed)?;
     let spe = sampler.batches_per_epoch() as u64;
     if let Some(why) = data_order_change(&dataset, data.as_ref(), state.steps_per_epoch, spe) {

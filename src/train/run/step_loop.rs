@@ -205,7 +205,9 @@ impl Run {
         fresh: bool,
     ) -> Result<RunSummary> {
         let session_start = Instant::now();
-        let window = (2 * self.cfg.output.log_interval as usize).max(10);
+        let window = (self.cfg.output.log_interval as usize)
+            .saturating_mul(2)
+            .max(10);
         let mut n = match &self.state {
             Some(s) => Counters {
                 global_step: s.global_step,
