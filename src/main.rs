@@ -111,12 +111,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Eval(args) => print!("{}", commands::eval::run(&args)?),
-        Command::Info(args) => println!("{}", commands::info::run(&args)?),
+        Command::Info(args) => {
+            let info = commands::info::run(&args)?;
+            println!("{info}");
+            if !info.non_finite.is_empty() {
+                anyhow::bail!(
+                    "{}: {} tensor(s) hold non-finite values (listed above): the weights are \
+                     damaged or come from a run that diverged",
+                    args.checkpoint.display(),
+                    info.non_finite.len()
+                );
+            }
+        }
         Command::Train(args) => println!("{}", commands::train::train(&args)?),
         Command::Resume(args) => println!("{}", commands::train::resume(&args)?),
         Command::Report(args) => println!("{}", commands::train::report(&args)?),
         Command::Compare(args) => {
             let c = commands::compare::run(&args)?;
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
             println!("wrote {}", c.markdown.display());
             for p in &c.plots {
                 println!("wrote {}", p.display());

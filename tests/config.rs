@@ -1,7 +1,7 @@
 //! Configuration files: the Phase 1 config and optimizer JSON, a reference-shaped config,
 //! unknown keys, unsupported features, overrides.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use fluxflow::config::{Config, OptimFile, Overrides, QUICKSTART};
 use fluxflow::train::optim::OptimizerSpec;
@@ -182,15 +182,22 @@ fn unknown_keys_are_errors_naming_key_and_file() {
 
 #[test]
 fn overrides_apply_over_the_file() {
+    // --data must name an existing folder, and one a non-synthetic configuration reads.
+    let imgs = std::env::temp_dir();
     let o = Overrides {
-        data: Some(PathBuf::from("/imgs")),
+        data: Some(imgs.clone()),
         output: Some(PathBuf::from("/out")),
         max_steps: Some(7),
         device: Some("cuda:1".into()),
-        set: vec!["training.lr=0.5".into(), "output.keep_last=5".into()],
+        set: vec![
+            "training.lr=0.5".into(),
+            "output.keep_last=5".into(),
+            "data.synthetic=null".into(),
+        ],
+        flags: vec![],
     };
     let cfg = Config::parse(QUICKSTART, "q", &o).unwrap();
-    assert_eq!(cfg.data.data_path.as_deref(), Some(Path::new("/imgs")));
+    assert_eq!(cfg.data.data_path.as_deref(), Some(imgs.as_path()));
     assert_eq!(cfg.output.output_path, PathBuf::from("/out"));
     assert_eq!(cfg.training.max_steps, Some(7));
     assert_eq!(cfg.training.device.to_string(), "cuda:1");

@@ -9,9 +9,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::cli::{BenchArgs, Switch};
+use crate::config::limits::MAX_BENCH_STEPS;
 use crate::config::{Config, OptimFile, Overrides, QUICKSTART};
 use crate::model::{FluxModel, Noise};
 use crate::train::optim;
+use crate::train::precision::MixedPrecision;
 use crate::train::schedule::Scheduler;
 use crate::train::step::{vae_params, StepOutcome, VaeTrainer};
 
@@ -35,6 +37,9 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     if args.steps == 0 {
         anyhow::bail!("--steps 0: the benchmark needs at least one timed step");
     }
+    if args.steps > MAX_BENCH_STEPS {
+        anyhow::bail!("--steps {}: must be at most {MAX_BENCH_STEPS}", args.steps);
+    }
     for (flag, v) in [
         ("--batch", args.batch),
         ("--width", args.width),
@@ -44,20 +49,34 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             anyhow::bail!("{flag} 0: must be at least 1");
         }
     }
-    // The benchmark's settings go through the configuration, whose checks name them.
-    let mut set = Vec::new();
+    if let Some(mp) = args.mixed_precision.filter(|mp| *mp != MixedPrecision::No) {
+        // Without a configuration the device is the flag's alone (the CPU by default).
+        let on_cpu = args.device.as_deref().is_none_or(|d| d.trim() == "cpu");
+        if on_cpu && args.config.is_none() {
+            anyhow::bail!(
+                "--mixed-precision {mp} runs on CUDA only: add --device cuda (the benchmark \
+                 runs on the CPU without it), or leave --mixed-precision out"
+            );
+        }
+    }
+    // The benchmark's settings go through the configuration, whose checks name their flags.
+    let mut flags = Vec::new();
     if let Some(c) = args.checkpointing {
-        set.push(format!(
-            "model.use_gradient_checkpointing={}",
-            c == Switch::On
+        let on = c == Switch::On;
+        flags.push((
+            format!("model.use_gradient_checkpointing={on}"),
+            format!("--checkpointing {}", if on { "on" } else { "off" }),
         ));
     }
     if let Some(mp) = args.mixed_precision {
-        set.push(format!("training.mixed_precision={mp}"));
+        flags.push((
+            format!("training.mixed_precision={mp}"),
+            format!("--mixed-precision {mp}"),
+        ));
     }
     let overrides = Overrides {
         device: args.device.clone(),
-        set,
+        flags,
         ..Overrides::default()
     };
     let cfg = match &args.config {
@@ -86,6 +105,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             );
         }
     }
+    crate::memory::check_model_fits(&model_cfg, dtype, !args.forward_only, &device)?;
     let model = FluxModel::fresh(&model_cfg, dtype, &device, 0)?;
     let act_dtype = cfg.step_config().mixed_precision.compute_dtype(dtype);
     crate::memory::check_fits(
@@ -134,7 +154,8 @@ pub fn run(args: &BenchArgs) -> Result<String> {
     let (b, h, w) = (args.batch, args.height, args.width);
     let images = Tensor::rand(-1f32, 1.0, (b, 3, h, w), &device)?.to_dtype(dtype)?;
     let mut rng = StdRng::seed_from_u64(0);
-    let mut times = Vec::with_capacity(args.steps);
+    // Grown step by step: never allocated by a number the user gives.
+    let mut times = Vec::new();
     let compute = mixed.compute_dtype(dtype);
     // Warm-up: one step, or with fp16 as many as the loss scale needs to settle (a fresh scale
     // of 2^16 overflows at first and is halved per skipped step, as in a training run's first

@@ -38,6 +38,9 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     if args.limit == Some(0) {
         anyhow::bail!("--limit must be at least 1");
     }
+    if args.batch == 0 {
+        anyhow::bail!("--batch 0: must be at least 1 (images per forward pass)");
+    }
     if args.max_pixels < 256 {
         anyhow::bail!(
             "--max-pixels {}: must be at least 256 (16x16)",

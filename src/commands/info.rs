@@ -3,10 +3,16 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 
 use crate::cli::InfoArgs;
-use crate::model::{Activation, FluxModel, ModelConfig};
+use crate::model::{Activation, FluxModel, ModelConfig, DIFFUSER, TEXT};
+use crate::params::ParamStore;
+use crate::weights::detect::{ACTIVATION_KEY, WIDTH_MULT_KEY};
 use crate::weights::{detect_config, read_architecture, read_tensors};
 
 /// A checkpoint's description.
@@ -24,6 +30,118 @@ pub struct Info {
     /// For a Bezier checkpoint: the parameter-matched baseline's width multiplier and VAE
     /// parameter count (the same for ReLU, SiLU and GELU, which have no parameters).
     pub matched_baseline: Option<(f64, usize)>,
+    /// Tensors holding NaN or infinity: (name, how many values, of how many), by name. Loading
+    /// the file (`reconstruct`, `eval`, `model_checkpoint`) refuses it.
+    pub non_finite: Vec<(String, usize, usize)>,
+}
+
+/// Tensors with NaN or infinity: (name, non-finite values, values), sorted by name.
+fn non_finite(tensors: &HashMap<String, Tensor>) -> Result<Vec<(String, usize, usize)>> {
+    let mut out = Vec::new();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        // 0 * x is 0 for every finite x and NaN for NaN and infinities.
+        let probe = t
+            .affine(0.0, 0.0)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        if probe.is_finite() {
+            continue;
+        }
+        let values = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        out.push((name.clone(), bad, values.len()));
+    }
+    Ok(out)
+}
+
+/// The activation the tensor shapes imply, where they decide it: a Bezier site's convolution
+/// has 5 outputs per channel it passes on, a baseline's one. Checked on the second 1x1 head
+/// (`latent_proj.1`, `vae_dim` channels out of the site) against the mu head's `vae_dim`.
+fn shapes_say_bezier(t: &HashMap<String, Tensor>) -> Option<(bool, String)> {
+    let site = "diffuser.compressor.latent_proj.1.0.weight";
+    let mu = "diffuser.compressor.mu_activation.p0";
+    let out = *t.get(site)?.dims().first()?;
+    let d = *t.get(mu)?.dims().first()?;
+    if out == 5 * d {
+        Some((
+            true,
+            format!("{site} has {out} output channels, 5 x the {d} of {mu}: a Bezier site"),
+        ))
+    } else if out == d {
+        Some((
+            false,
+            format!("{site} has {out} output channels, the {d} of {mu}: a baseline's site"),
+        ))
+    } else {
+        None
+    }
+}
+
+/// Refuses a file whose metadata (activation, width multiplier) contradicts its tensor shapes,
+/// saying which contradicts which.
+fn check_metadata(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    activation: Activation,
+    mult: f64,
+) -> Result<()> {
+    let recorded = if activation.is_bezier() {
+        format!("no {ACTIVATION_KEY} in its metadata, which means a Bezier model")
+    } else {
+        format!("its metadata says {ACTIVATION_KEY} = {activation}")
+    };
+    if let Some((bezier, why)) = shapes_say_bezier(tensors) {
+        if bezier != activation.is_bezier() {
+            let shapes = if bezier {
+                "a Bezier model's"
+            } else {
+                "a baseline's"
+            };
+            bail!(
+                "{}: {recorded}, but its tensor shapes are {shapes} ({why}); the metadata \
+                 contradicts the tensors, so the file cannot be loaded as it is",
+                path.display()
+            );
+        }
+    }
+    // Every tensor against the model the metadata and the detected dimensions describe.
+    let config = detect_config(tensors, activation, mult).with_context(|| {
+        format!(
+            "{}: cannot detect the model dimensions ({recorded})",
+            path.display()
+        )
+    })?;
+    let model: HashMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with(DIFFUSER) || k.starts_with(TEXT))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let fresh = if model.keys().any(|k| k.starts_with(TEXT)) {
+        vec![]
+    } else {
+        vec![TEXT.to_string()]
+    };
+    let store = ParamStore::loaded(model, fresh, DType::F32, &Device::Cpu);
+    let built = FluxModel::build(&config, store.clone())
+        .map_err(anyhow::Error::from)
+        .and_then(|_| store.check_complete(&[DIFFUSER, TEXT]));
+    if let Err(e) = built {
+        let width = if activation.is_bezier() {
+            String::new()
+        } else {
+            format!(" and {WIDTH_MULT_KEY} = {mult}")
+        };
+        bail!(
+            "{}: its tensor shapes do not match the model its metadata describes ({recorded}{width}): \
+             {e:#}",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Buffers saved in a state_dict that are not parameters.
@@ -43,6 +161,8 @@ fn component(name: &str) -> Option<String> {
 pub fn run(args: &InfoArgs) -> Result<Info> {
     let tensors = read_tensors(&args.checkpoint)?;
     let (activation, mult) = read_architecture(&args.checkpoint)?;
+    let non_finite = non_finite(&tensors)?;
+    check_metadata(&args.checkpoint, &tensors, activation, mult)?;
     let config = detect_config(&tensors, activation, mult).with_context(|| {
         format!(
             "cannot detect the model dimensions of {}",
@@ -84,6 +204,7 @@ pub fn run(args: &InfoArgs) -> Result<Info> {
         dtypes,
         bezier_vae_parameters,
         matched_baseline,
+        non_finite,
     })
 }
 
@@ -160,7 +281,19 @@ impl fmt::Display for Info {
             .iter()
             .map(|(k, v)| format!("{k} x{v}"))
             .collect();
-        write!(f, "tensors: {} ({})", self.tensors, dt.join(", "))
+        write!(f, "tensors: {} ({})", self.tensors, dt.join(", "))?;
+        if !self.non_finite.is_empty() {
+            write!(
+                f,
+                "\nnon-finite values (NaN or infinity) in {} tensor(s); reconstruct, eval and \
+                 model_checkpoint refuse this file:",
+                self.non_finite.len()
+            )?;
+            for (name, bad, all) in &self.non_finite {
+                write!(f, "\n  {name}: {bad} of {}", group(*all))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -139,6 +139,7 @@ pub fn train(args: &TrainArgs) -> Result<String> {
         max_steps: args.max_steps,
         device: args.device.clone(),
         set: args.set.clone(),
+        flags: Vec::new(),
     };
     let cfg = match &args.config {
         Some(p) => Config::load(p, &overrides)?,

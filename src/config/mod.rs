@@ -2,6 +2,7 @@
 //! optimization, output) with its defaults, our additions, command-line overrides, and one
 //! validation pass whose errors name the key and the file.
 
+pub mod limits;
 mod optim_file;
 mod sections;
 
@@ -126,6 +127,43 @@ pub struct Overrides {
     pub max_steps: Option<u64>,
     pub device: Option<String>,
     pub set: Vec<String>,
+    /// Settings a command makes from flags of its own, as (`section.key=value`, the flag as
+    /// the user gave it: `--mixed-precision fp16`): applied after `set`, and an error they
+    /// cause names the flag, not a `--set` the user never typed.
+    pub flags: Vec<(String, String)>,
+}
+
+impl Overrides {
+    /// Every `section.key=value` to apply, in order, with what to call it in an error.
+    fn settings(&self) -> Vec<(&str, String)> {
+        self.set
+            .iter()
+            .map(|s| (s.as_str(), format!("--set {s}")))
+            .chain(
+                self.flags
+                    .iter()
+                    .map(|(s, flag)| (s.as_str(), flag.clone())),
+            )
+            .collect()
+    }
+
+    /// The dedicated flags given, with the key each sets (they are applied last, so they win).
+    fn dedicated(&self) -> Vec<(&str, String)> {
+        let mut v = Vec::new();
+        if let Some(d) = &self.data {
+            v.push(("data.data_path", format!("--data {}", d.display())));
+        }
+        if let Some(o) = &self.output {
+            v.push(("output.output_path", format!("--output {}", o.display())));
+        }
+        if let Some(n) = self.max_steps {
+            v.push(("training.max_steps", format!("--max-steps {n}")));
+        }
+        if let Some(d) = &self.device {
+            v.push(("training.device", format!("--device {d}")));
+        }
+        v
+    }
 }
 
 impl Config {
@@ -143,33 +181,48 @@ impl Config {
         }
         check_finite(&tree, "").map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
         let mut cfg = typed(&tree).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
-        for s in &overrides.set {
-            apply_set(&mut tree, s).with_context(|| format!("--set {s}"))?;
-            check_finite(&tree, "").map_err(|e| anyhow::anyhow!("--set {s}: {e}"))?;
-            cfg = typed(&tree).map_err(|e| anyhow::anyhow!("--set {s}: {e}"))?;
+        let settings = overrides.settings();
+        for (s, label) in &settings {
+            apply_set(&mut tree, s).with_context(|| label.clone())?;
+            check_finite(&tree, "").map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+            cfg = typed(&tree).map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
         }
         cfg.model_section_missing = tree.get("model").is_none();
         if let Some(d) = &overrides.data {
+            check_data_flag(d, &cfg, source)?;
             cfg.data.data_path = Some(d.clone());
         }
         if let Some(o) = &overrides.output {
             cfg.output.output_path = o.clone();
         }
         if let Some(n) = overrides.max_steps {
+            if n == 0 || n > limits::MAX_STEPS {
+                bail!(
+                    "--max-steps {n}: must be at least 1 and at most {}",
+                    limits::MAX_STEPS
+                );
+            }
             cfg.training.max_steps = Some(n);
         }
         if let Some(d) = &overrides.device {
-            cfg.training.device = d.parse().context("--device")?;
+            cfg.training.device = d.parse().with_context(|| format!("--device {d}"))?;
         }
         if let Err(e) = cfg.validate() {
-            // Blame the last override of a key the error names, else the file.
+            // Blame the flag or override that set the key the error names first (a flag over
+            // a `--set`, the last `--set` of a key over earlier ones), else the file.
             let msg = format!("{e:#}");
-            let blamed = overrides.set.iter().rev().find(|s| {
-                s.split_once('=')
-                    .is_some_and(|(k, _)| msg.contains(k.trim()))
-            });
+            let candidates = overrides.dedicated().into_iter().chain(
+                settings
+                    .iter()
+                    .rev()
+                    .filter_map(|(s, label)| Some((s.split_once('=')?.0.trim(), label.clone()))),
+            );
+            let blamed = candidates
+                .filter_map(|(key, label)| msg.find(key).map(|at| (at, label)))
+                .min_by_key(|(at, _)| *at)
+                .map(|(_, label)| label);
             return Err(match blamed {
-                Some(s) => e.context(format!("invalid configuration: --set {s}")),
+                Some(label) => e.context(format!("invalid configuration: {label}")),
                 None => e.context(format!("invalid configuration in {source}")),
             });
         }
@@ -280,8 +333,49 @@ impl Config {
         if !(0.0..1.0).contains(&t.ema_decay) {
             bail!("training.ema_decay must be in [0, 1), got {}", t.ema_decay);
         }
-        if t.max_steps == Some(0) {
-            bail!("training.max_steps must be positive");
+        if t.kl_beta > limits::MAX_KL_BETA {
+            bail!(
+                "training.kl_beta must be at most {} (the reference uses about 1e-4 to 1), got {}",
+                limits::MAX_KL_BETA,
+                t.kl_beta
+            );
+        }
+        // What the step computes with in the training dtype must be a number there.
+        let in_dtype = [
+            ("training.lr", t.lr),
+            ("training.lr_min", t.lr_min),
+            ("training.kl_beta", t.kl_beta),
+            ("training.kl_free_bits", t.kl_free_bits),
+            ("training.mse_weight", t.mse_weight),
+            ("training.freq_alpha", t.freq_alpha),
+            ("training.initial_clipping_norm", t.initial_clipping_norm),
+        ];
+        for (key, v) in in_dtype {
+            if let Some(why) = limits::dtype_problem(v, t.dtype) {
+                bail!("{key} is {v:e}: {why}");
+            }
+        }
+        match t.max_steps {
+            Some(0) => bail!("training.max_steps must be positive"),
+            Some(n) if n > limits::MAX_STEPS => bail!(
+                "training.max_steps must be at most {}, got {n}",
+                limits::MAX_STEPS
+            ),
+            _ => {}
+        }
+        if t.n_epochs > limits::MAX_STEPS {
+            bail!(
+                "training.n_epochs must be at most {}, got {}",
+                limits::MAX_STEPS,
+                t.n_epochs
+            );
+        }
+        if t.workers > limits::MAX_WORKERS {
+            bail!(
+                "training.workers must be at most {} (each is a data loader thread), got {}",
+                limits::MAX_WORKERS,
+                t.workers
+            );
         }
         if let Some(r) = &t.max_runtime {
             parse_duration(r).context("training.max_runtime")?;
@@ -343,6 +437,34 @@ impl Config {
             ),
             _ => {}
         }
+        let m = &self.model;
+        let sizes = [
+            ("model.vae_dim", m.vae_dim, limits::MAX_WIDTH),
+            (
+                "model.feature_maps_dim",
+                m.feature_maps_dim,
+                limits::MAX_WIDTH,
+            ),
+            (
+                "model.text_embedding_dim",
+                m.text_embedding_dim,
+                limits::MAX_WIDTH,
+            ),
+            ("model.text_hidden", m.text_hidden, limits::MAX_WIDTH),
+            (
+                "model.vae_attn_layers",
+                m.vae_attn_layers,
+                limits::MAX_LAYERS,
+            ),
+            ("model.vae_attn_heads", m.vae_attn_heads, limits::MAX_LAYERS),
+            ("model.flow_layers", m.flow_layers, limits::MAX_LAYERS),
+            ("model.flow_heads", m.flow_heads, limits::MAX_LAYERS),
+        ];
+        for (key, v, most) in sizes {
+            if v > most {
+                bail!("{key} must be at most {most}, got {v}");
+            }
+        }
         self.baseline_width_mult()?;
         self.model_config().validate()?;
         Ok(())
@@ -353,11 +475,15 @@ impl Config {
     pub fn baseline_width_mult(&self) -> Result<f64> {
         let m = &self.model;
         match m.baseline_width_mult {
-            _ if m.activation.is_bezier() => Ok(1.0),
-            WidthMult::Factor(f) if f.is_finite() && f > 0.0 => Ok(f),
-            WidthMult::Factor(f) => {
-                bail!("model.baseline_width_mult must be a positive number or `matched`, got {f}")
+            WidthMult::Factor(f) if !(f.is_finite() && f > 0.0 && f <= limits::MAX_WIDTH_MULT) => {
+                bail!(
+                    "model.baseline_width_mult must be a positive number at most {} or \
+                     `matched`, got {f}",
+                    limits::MAX_WIDTH_MULT
+                )
             }
+            _ if m.activation.is_bezier() => Ok(1.0),
+            WidthMult::Factor(f) => Ok(f),
             WidthMult::Matched(_) => {
                 let dims = ModelConfig {
                     activation: m.activation,
@@ -482,6 +608,31 @@ impl Config {
         }
         w
     }
+}
+
+/// `--data DIR` must name a folder, and one the configuration (`source`) will read: a
+/// configuration that generates its images (`data.synthetic`) would ignore it.
+fn check_data_flag(dir: &Path, cfg: &Config, source: &str) -> Result<()> {
+    if !dir.is_dir() {
+        let what = if dir.exists() {
+            "is not a folder"
+        } else {
+            "does not exist"
+        };
+        bail!("--data {}: the folder {what}", dir.display());
+    }
+    if let Some(s) = &cfg.data.synthetic {
+        bail!(
+            "--data {}: {source} generates its images (data.synthetic: {} images of {}x{}), so \
+             --data would be ignored; to train on the folder, use a configuration without \
+             data.synthetic or add --set data.synthetic=null",
+            dir.display(),
+            s.count,
+            s.width,
+            s.height
+        );
+    }
+    Ok(())
 }
 
 /// The tree as a [`Config`]; the error names the key's full path, and for an unknown key

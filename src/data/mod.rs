@@ -9,6 +9,7 @@
 mod cache;
 mod captions;
 pub mod loader;
+pub mod record;
 pub(crate) mod rng;
 pub mod sampler;
 pub mod scan;
@@ -18,6 +19,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub use loader::{Batch, Loader, LoaderConfig};
+pub use record::{DataChange, DataRecord};
 pub use sampler::{BatchSampler, SamplerState};
 pub use scan::scan;
 

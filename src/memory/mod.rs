@@ -80,6 +80,30 @@ impl Limit {
 /// Refuses `what` when its estimated `bytes` exceed `limit`; the error gives the estimate, the
 /// limit and where the limit came from.
 pub fn check_against(what: &str, bytes: u64, limit: &Limit) -> Result<()> {
+    check_purpose_against(what, Purpose::ACTIVATIONS, bytes, limit)
+}
+
+/// What an estimate is for, and what to make smaller when it does not fit.
+struct Purpose {
+    what_for: &'static str,
+    advice: &'static str,
+}
+
+impl Purpose {
+    const ACTIVATIONS: Self = Self {
+        what_for: "for its activations",
+        advice: "use fewer or smaller images",
+    };
+    const WEIGHTS: Self = Self {
+        what_for: "for its weights",
+        advice: "make the model smaller (model.vae_dim, feature_maps_dim, text_embedding_dim, \
+                 text_hidden, the layer counts, baseline_width_mult)",
+    };
+}
+
+/// [`check_against`] for memory needed for `purpose`.
+fn check_purpose_against(what: &str, purpose: Purpose, bytes: u64, limit: &Limit) -> Result<()> {
+    let Purpose { what_for, advice } = purpose;
     if bytes <= limit.bytes() {
         return Ok(());
     }
@@ -87,8 +111,8 @@ pub fn check_against(what: &str, bytes: u64, limit: &Limit) -> Result<()> {
     let have = human_bytes(limit.bytes());
     match limit {
         Limit::Budget(b) => bail!(
-            "{what} needs about {need} for its activations, more than the memory budget of \
-             {have} ({}); use fewer or smaller images, or a larger budget",
+            "{what} needs about {need} {what_for}, more than the memory budget of {have} ({}); \
+             {advice}, or a larger budget",
             b.describe()
         ),
         Limit::Detected { what: from, .. } => {
@@ -111,9 +135,9 @@ pub fn check_against(what: &str, bytes: u64, limit: &Limit) -> Result<()> {
                 Detected::GpuFree => "free on the GPU".into(),
             };
             bail!(
-                "{what} needs about {need} for its activations, and {have} are {from}; use \
-                 fewer or smaller images (--memory-budget SIZE or {BUDGET_ENV} sets the memory \
-                 to hold it against instead)"
+                "{what} needs about {need} {what_for}, and {have} are {from}; {advice} \
+                 (--memory-budget SIZE or {BUDGET_ENV} sets the memory to hold it against \
+                 instead)"
             )
         }
     }
@@ -122,14 +146,52 @@ pub fn check_against(what: &str, bytes: u64, limit: &Limit) -> Result<()> {
 /// Refuses `what` when its estimated `bytes` exceed the process's memory budget or, without
 /// one, the memory available on `device` (see the module's documentation).
 pub fn check_fits(what: &str, bytes: u64, device: &Device) -> Result<()> {
+    check_purpose_fits(what, Purpose::ACTIVATIONS, bytes, device)
+}
+
+fn check_purpose_fits(what: &str, purpose: Purpose, bytes: u64, device: &Device) -> Result<()> {
     let limit = match budget::process_budget()? {
         Some(b) => Some(Limit::Budget(b)),
         None => detect::detect(device).map(|(bytes, what)| Limit::Detected { bytes, what }),
     };
     match limit {
-        Some(limit) => check_against(what, bytes, &limit),
+        Some(limit) => check_purpose_against(what, purpose, bytes, &limit),
         None => Ok(()),
     }
+}
+
+/// Bytes of a model's weights in `dtype` and, when `training`, of the VAE's gradients,
+/// optimizer moments (at most three per weight: RMSprop centered with momentum) and EMA:
+/// what building and training it holds besides the activations. Counted from the shapes alone.
+pub fn model_bytes(cfg: &ModelConfig, dtype: DType, training: bool) -> Result<u64> {
+    let all = crate::model::FluxModel::parameter_count(cfg)? as u64;
+    let vae = crate::model::FluxModel::vae_parameter_count(cfg)? as u64;
+    let per_vae_weight = if training { 5 } else { 0 };
+    Ok(all
+        .saturating_add(vae.saturating_mul(per_vae_weight))
+        .saturating_mul(dtype.size_in_bytes() as u64))
+}
+
+/// Refuses a model of `cfg` whose weights (and, when `training`, training state) would not fit
+/// in the memory detected as available ([`model_bytes`]), before any of it is allocated; the
+/// error names the estimate, the limit and the keys that size the model. A memory budget is
+/// the activations' limit and replaces the detection: with one, the model is not checked.
+pub fn check_model_fits(
+    cfg: &ModelConfig,
+    dtype: DType,
+    training: bool,
+    device: &Device,
+) -> Result<()> {
+    if budget::process_budget()?.is_some() {
+        return Ok(());
+    }
+    let bytes = model_bytes(cfg, dtype, training)?;
+    let what = if training {
+        "the model with the VAE's gradients, optimizer state and EMA"
+    } else {
+        "the model"
+    };
+    check_purpose_fits(what, Purpose::WEIGHTS, bytes, device)
 }
 
 /// Memory available for new allocations on `device` in bytes, if known (see [`detect::detect`]).

@@ -71,6 +71,14 @@ impl FluxModel {
         Ok(store.parameter_count(DIFFUSER))
     }
 
+    /// Trainable parameters of the whole model of `config` (VAE, flow processor and text
+    /// projection), counted from the shapes alone (nothing allocated).
+    pub fn parameter_count(config: &ModelConfig) -> Result<usize> {
+        let store = ParamStore::shapes(DType::F32, &Device::Cpu);
+        Self::build(config, store.clone())?;
+        Ok(store.parameter_count(""))
+    }
+
     /// The `baseline_width_mult` whose `activation` baseline has the VAE parameter count
     /// closest to the Bezier VAE of the same dimensions: the multiplier is searched by
     /// bisection (the count grows with it) between 1/16 and 16, then the better of the two

@@ -56,6 +56,8 @@ pub struct RunSeries {
     pub batch_time: Vec<f64>,
     /// `training.batch_size` from the run's `run.yaml` (or `config.yaml`), when there.
     pub batch_size: Option<f64>,
+    /// What was read but not used, for the user: the metrics file's malformed lines.
+    pub warnings: Vec<String>,
 }
 
 impl RunSeries {
@@ -71,7 +73,26 @@ impl RunSeries {
         }
         let log = MetricsLog::read(&path)?;
         if log.rows.is_empty() {
-            bail!("{} has no usable rows", path.display());
+            bail!(
+                "{} has no usable rows ({} malformed line(s){})",
+                path.display(),
+                log.malformed_lines,
+                if log.malformed_lines > 0 {
+                    format!(": {}", log.malformed_line_numbers(10))
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let mut warnings = Vec::new();
+        if log.malformed_lines > 0 {
+            warnings.push(format!(
+                "{}: skipped {} malformed line(s) (not a JSON row with an integer global_step): \
+                 line {}",
+                path.display(),
+                log.malformed_lines,
+                log.malformed_line_numbers(10)
+            ));
         }
         let m = |k: &str| log.series(Section::Metrics, k).points;
         let (psnr, psnr_source) = match m("eval_psnr") {
@@ -112,6 +133,7 @@ impl RunSeries {
             ms_ssim: m("eval_ms_ssim"),
             batch_time: log.series(Section::Extras, "batch_time").values(),
             batch_size,
+            warnings,
         })
     }
 
@@ -180,6 +202,8 @@ pub fn first_reaching(series: &[(f64, f64)], level: f64, below: bool) -> Option<
 pub struct Comparison {
     pub markdown: PathBuf,
     pub plots: Vec<PathBuf>,
+    /// What was read but not used (also listed in the markdown).
+    pub warnings: Vec<String>,
 }
 
 /// Default loss thresholds: the highest final loss among the runs (a level every run
@@ -364,9 +388,20 @@ pub fn compare(dirs: &[PathBuf], out_dir: &Path, opts: &CompareOptions) -> Resul
             let _ = writeln!(o, "![{name}]({name})\n");
         }
     }
+    let warnings: Vec<String> = runs.iter().flat_map(|r| r.warnings.clone()).collect();
+    if !warnings.is_empty() {
+        o.push_str("## Notes\n\n");
+        for w in &warnings {
+            let _ = writeln!(o, "- {w}");
+        }
+    }
     let markdown = out_dir.join("comparison.md");
     write_atomic(&markdown, o.as_bytes())?;
-    Ok(Comparison { markdown, plots })
+    Ok(Comparison {
+        markdown,
+        plots,
+        warnings,
+    })
 }
 
 fn write_plots(runs: &[RunSeries], out_dir: &Path) -> Result<Vec<PathBuf>> {

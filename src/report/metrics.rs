@@ -78,6 +78,8 @@ pub struct MetricsLog {
     pub rows: Vec<Row>,
     /// Lines that were neither blank nor a usable record.
     pub malformed_lines: usize,
+    /// Their line numbers (1-based), in file order.
+    pub malformed_at: Vec<usize>,
 }
 
 impl MetricsLog {
@@ -91,16 +93,36 @@ impl MetricsLog {
     /// Parses the text of a metrics file; never fails, counts bad lines instead.
     pub fn parse(text: &str) -> Self {
         let mut log = Self::default();
-        for line in text.lines() {
+        for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
             match parse_row(line) {
                 Some(row) => log.rows.push(row),
-                None => log.malformed_lines += 1,
+                None => {
+                    log.malformed_lines += 1;
+                    log.malformed_at.push(i + 1);
+                }
             }
         }
         log
+    }
+
+    /// "3, 7 and 12" (at most `most` numbers, then how many more): the malformed lines' numbers.
+    pub fn malformed_line_numbers(&self, most: usize) -> String {
+        let shown: Vec<String> = self
+            .malformed_at
+            .iter()
+            .take(most)
+            .map(usize::to_string)
+            .collect();
+        let more = self.malformed_at.len().saturating_sub(most);
+        match (shown.split_last(), more) {
+            (None, _) => String::new(),
+            (Some((last, [])), 0) => last.clone(),
+            (Some((last, rest)), 0) => format!("{} and {last}", rest.join(", ")),
+            (Some(_), more) => format!("{} and {more} more", shown.join(", ")),
+        }
     }
 
     /// All keys of a section that occur in any row, sorted.
@@ -279,6 +301,9 @@ mod tests {
         let log = MetricsLog::parse(text);
         assert_eq!(log.rows.len(), 2);
         assert_eq!(log.malformed_lines, 3);
+        assert_eq!(log.malformed_at, vec![3, 4, 5]);
+        assert_eq!(log.malformed_line_numbers(10), "3, 4 and 5");
+        assert_eq!(log.malformed_line_numbers(2), "3, 4 and 1 more");
         let s = log.series(Section::Metrics, "vae_loss");
         assert_eq!(s.points, vec![(2.0, 1.5)]);
     }

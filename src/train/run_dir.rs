@@ -25,6 +25,9 @@ pub const OPTIM_FILE: &str = "optim.json";
 pub const MODEL_FILE: &str = "flxflow_final.safetensors";
 /// Optimizer moments, EMA and (for non-f32 runs) exact weights, in a checkpoint.
 pub const TRAINER_FILE: &str = "trainer.safetensors";
+/// The data set a checkpoint trained on (`run::checkpoint::DataRecord`; absent in checkpoints
+/// written before it was saved).
+pub const IMAGES_FILE: &str = "images.json";
 /// The reference's training state at the run's root.
 pub const REFERENCE_STATE_FILE: &str = "training_state.json";
 /// The reference's learning rates at the run's root.

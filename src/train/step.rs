@@ -468,6 +468,17 @@ impl VaeTrainer {
         out
     }
 
+    /// Fits the learning-rate schedule to a run whose length changed to `total_steps` (see
+    /// [`Scheduler::set_run_length`]); returns whether the schedule changed.
+    pub fn set_run_length(&mut self, total_steps: u64) -> bool {
+        self.scheduler.set_run_length(total_steps)
+    }
+
+    /// The learning-rate scheduler and its state.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
     /// Restores what [`VaeTrainer::state`] and [`VaeTrainer::state_tensors`] saved.
     pub fn load_state(
         &mut self,

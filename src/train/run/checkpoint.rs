@@ -16,11 +16,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use super::checks::check_loop_state;
 use super::events::{Events, Level};
+use super::resume_settings::settings_for_resume;
 use super::state::{reference_lrs, reference_training_state, LoopState};
 use super::step_loop::{Counters, Run};
 use super::writer::{Snapshot, Writer};
 use crate::config::Config;
+use crate::data::DataRecord;
 use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
 use crate::params::ParamStore;
 use crate::train::optim;
@@ -32,7 +35,7 @@ use crate::weights::{
     to_safetensors_bytes_exact, TEXT_FILE,
 };
 
-pub use crate::train::run_dir::{MODEL_FILE, TRAINER_FILE};
+pub use crate::train::run_dir::{IMAGES_FILE, MODEL_FILE, TRAINER_FILE};
 
 /// The loop state of `state.json` at any version this build reads, as the current version;
 /// also the version it was written at.
@@ -61,7 +64,10 @@ pub fn read_loop_state(mut raw: Value) -> Result<(LoopState, u32)> {
         ),
         v => bail!("its state version {v} is unknown"),
     }
-    Ok((serde_json::from_value(raw)?, version))
+    // A key that does not read is named by its path under `loop`.
+    let state = serde_path_to_error::deserialize(raw)
+        .map_err(|e| anyhow!("loop.{}: {}", e.path(), e.inner()))?;
+    Ok((state, version))
 }
 
 impl Run {
@@ -108,6 +114,7 @@ impl Run {
             );
         }
         let trainer_bytes = to_safetensors_bytes_exact(&exact)?;
+        let images_bytes = serde_json::to_vec(&DataRecord::of(&self.dataset))?;
         n.checkpoints_written += 1;
         let state = LoopState {
             version: LoopState::VERSION,
@@ -147,6 +154,7 @@ impl Run {
                 (MODEL_FILE, model_bytes),
                 (TEXT_FILE, text_bytes),
                 (TRAINER_FILE, trainer_bytes),
+                (IMAGES_FILE, images_bytes),
             ],
             state: json!({ "loop": state }),
             keep_last: self.cfg.output.keep_last,
@@ -180,21 +188,34 @@ impl Run {
     }
 }
 
-/// Model, trainer and loop state from one checkpoint folder.
+/// What a checkpoint restores.
+pub(super) struct Restored {
+    pub model: FluxModel,
+    pub trainer: VaeTrainer,
+    pub state: LoopState,
+    /// The data set it trained on, when it records one.
+    pub data: Option<DataRecord>,
+    /// Step settings in which `run.yaml` and the checkpoint differ, and which is used.
+    pub notes: Vec<String>,
+}
+
+/// Model, trainer and loop state from one checkpoint folder, every value of its state checked
+/// ([`check_loop_state`]).
 pub(super) fn restore(
     dir: &RunDir,
     ckpt: &Path,
     cfg: &Config,
     dtype: DType,
     device: &Device,
-) -> Result<(FluxModel, VaeTrainer, LoopState)> {
-    let state = dir.verify(ckpt)?;
-    let raw = state
+) -> Result<Restored> {
+    let json = dir.verify(ckpt)?;
+    let raw = json
         .get("loop")
         .cloned()
         .ok_or_else(|| anyhow!("no loop state in {}", ckpt.display()))?;
+    let state_file = ckpt.join(STATE_FILE);
     let (state, version) = read_loop_state(raw)
-        .with_context(|| format!("cannot read the loop state of {}", ckpt.display()))?;
+        .with_context(|| format!("cannot read the loop state of {}", state_file.display()))?;
     let folder_step = ckpt
         .file_name()
         .and_then(|n| n.to_str())
@@ -216,6 +237,17 @@ pub(super) fn restore(
             state.total_steps
         );
     }
+    check_loop_state(&state, cfg.training.dtype, &state_file)?;
+    let data = if json["manifest"]["files"].get(IMAGES_FILE).is_some() {
+        let path = ckpt.join(IMAGES_FILE);
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let record: DataRecord = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a list of images", path.display()))?;
+        Some(record)
+    } else {
+        None
+    };
     let read = |file: &str| -> Result<HashMap<String, Tensor>> {
         let path = ckpt.join(file);
         let t = read_tensors(&path)?;
@@ -270,6 +302,8 @@ pub(super) fn restore(
             ckpt.join(STATE_FILE).display()
         )
     })?;
+    let mut vae_state = vae_state.clone();
+    let notes = settings_for_resume(&mut vae_state.config, &cfg.step_config());
     let opt = optim::build("vae", &vae_state.optimizer.spec, vae_params(&model))?;
     let mut trainer = VaeTrainer::new(
         vae_state.config.clone(),
@@ -277,6 +311,12 @@ pub(super) fn restore(
         opt,
         vae_state.scheduler.clone(),
     )?;
-    trainer.load_state(vae_state, &by_model.remove("vae").unwrap_or_default())?;
-    Ok((model, trainer, state))
+    trainer.load_state(&vae_state, &by_model.remove("vae").unwrap_or_default())?;
+    Ok(Restored {
+        model,
+        trainer,
+        state,
+        data,
+        notes,
+    })
 }

@@ -3,7 +3,9 @@
 //! logs, checkpoints, samples and clean stops.
 
 mod checkpoint;
+mod checks;
 mod events;
+mod resume_settings;
 mod setup;
 mod state;
 mod step_loop;
@@ -13,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-pub use checkpoint::{read_loop_state, MODEL_FILE, TRAINER_FILE};
+pub use checkpoint::{read_loop_state, IMAGES_FILE, MODEL_FILE, TRAINER_FILE};
 pub use events::{Events, Level, NoEvents, Progress};
 pub use setup::{resume, start};
 pub use state::LoopState;

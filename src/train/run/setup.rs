@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 
-use super::checkpoint::restore;
+use super::checkpoint::{restore, Restored};
 use super::events::{Events, Filtered, Level};
 use super::step_loop::Run;
 use super::{RunSummary, StopSignal};
 use crate::atomic_write::write_atomic;
+use crate::config::limits::{dtype_problem, MAX_STEPS};
 use crate::config::{Config, OptimFile, Overrides};
-use crate::data::{scan, synthetic, BatchSampler, Dataset};
+use crate::data::{scan, synthetic, BatchSampler, DataRecord, Dataset, SamplerState};
 use crate::eval::EvalSet;
 use crate::model::FluxModel;
 use crate::train::metrics::{MetricsLog, Session};
@@ -192,6 +193,52 @@ fn describe_run(c: &Contents) -> String {
     }
 }
 
+/// The run's length from its configuration and its data: (`training.n_epochs` x the steps per
+/// epoch, and that capped at `training.max_steps`), refused beyond the most steps a run may
+/// have.
+fn run_length(cfg: &Config, steps_per_epoch: u64) -> Result<(u64, u64)> {
+    let planned = cfg.training.n_epochs.saturating_mul(steps_per_epoch);
+    let total = cfg.training.max_steps.map_or(planned, |m| m.min(planned));
+    if total > MAX_STEPS {
+        bail!(
+            "training.n_epochs {} x {steps_per_epoch} steps per epoch is {planned} steps, more \
+             than the {MAX_STEPS} a run may have; lower training.n_epochs or set \
+             training.max_steps",
+            cfg.training.n_epochs
+        );
+    }
+    Ok((planned, total))
+}
+
+/// What sets the run's length, for messages: `training.max_steps`, the epochs, or the smaller.
+fn length_source(cfg: &Config, planned: u64, steps_per_epoch: u64) -> String {
+    let epochs = format!(
+        "training.n_epochs {} x {steps_per_epoch} steps per epoch",
+        cfg.training.n_epochs
+    );
+    match cfg.training.max_steps {
+        Some(m) if m < planned => format!("training.max_steps {m}"),
+        Some(m) => format!("training.max_steps {m}, {epochs} = {planned}"),
+        None => epochs,
+    }
+}
+
+/// The learning rates of the optimizer JSON, used in the training dtype: each must be a number
+/// there (as `training.lr` must).
+fn check_optim_in_dtype(cfg: &Config, optim: &OptimFile) -> Result<()> {
+    for model in ["vae", "flow", "text_encoder", "discriminator"] {
+        let lr = optim.optimizer(model, cfg.training.lr)?.lr();
+        if let Some(why) = dtype_problem(lr, cfg.training.dtype) {
+            let file = cfg.optimization.optim_sched_config.as_ref().map_or_else(
+                || "the optimizer settings".into(),
+                |p| p.display().to_string(),
+            );
+            bail!("{file}: the {model} optimizer's lr is {lr:e}: {why}");
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a folder that holds files fluxflow did not write and no run of ours (a PyTorch
 /// reference run, a user's model file or notes): `train` writes only into an empty folder or
 /// its own run's, whatever `--force` says.
@@ -307,9 +354,11 @@ pub fn start(
     refuse_existing(&dir, &contents, force)?;
     let replace = contents.is_run();
     let (optim, optim_text) = optim_file(&cfg, None)?;
+    check_optim_in_dtype(&cfg, &optim)?;
     let (dataset, template_paths) = prepare_data(&cfg, &dir, events)?;
     let device = cfg.training.device.open()?;
     let dtype = dtype_of(&cfg);
+    crate::memory::check_model_fits(&cfg.model_config(), dtype, true, &device)?;
     check_batch_fits(&cfg, &dataset, dtype, &device)?;
     // Absolute paths in the run's config copy, so `resume` works from any folder.
     let absolute = |p: &PathBuf| p.canonicalize().unwrap_or_else(|_| p.clone());
@@ -332,8 +381,7 @@ pub fn start(
     };
     let sampler = BatchSampler::new(&dataset, cfg.training.batch_size, cfg.training.seed)?;
     let spe = sampler.batches_per_epoch() as u64;
-    let planned = cfg.training.n_epochs * spe;
-    let total = cfg.training.max_steps.map_or(planned, |m| m.min(planned));
+    let (planned, total) = run_length(&cfg, spe)?;
     let vae_spec = optim.optimizer("vae", cfg.training.lr)?;
     let sched_spec = optim.scheduler("vae", cfg.training.lr_min, total)?;
     let opt = optim::build("vae", &vae_spec, vae_params(&model))?;
@@ -377,6 +425,7 @@ pub fn start(
         session,
         other_lrs: other,
         state: None,
+        total,
     };
     run.describe(events, &optim, spe, planned, total);
     run.run(events, stop, true)
@@ -438,6 +487,42 @@ fn refuse_resume(dir: &RunDir, c: &Contents) -> Result<()> {
     bail!(msg)
 }
 
+/// Why the data order a checkpoint saved its position in no longer holds, if it does not: the
+/// images changed (`recorded` against `dataset`), or, for a checkpoint that records none, the
+/// number of batches per epoch (the images or `training.batch_size` changed).
+fn data_order_change(
+    dataset: &Dataset,
+    recorded: Option<&DataRecord>,
+    saved_spe: u64,
+    spe: u64,
+) -> Option<String> {
+    let root = dataset.root.display();
+    match recorded {
+        Some(r) => {
+            let change = r.changes(&DataRecord::of(dataset));
+            if !change.is_empty() {
+                Some(format!(
+                    "the data set in {root} changed: {}",
+                    change.describe()
+                ))
+            } else if saved_spe != spe {
+                Some(format!(
+                    "the batches per epoch changed from {saved_spe} to {spe} (training.batch_size \
+                     changed)"
+                ))
+            } else {
+                None
+            }
+        }
+        None if saved_spe != spe => Some(format!(
+            "the data in {root} or training.batch_size changed (an epoch had {saved_spe} batches, \
+             now {spe}; the checkpoint does not list its images, so which were added or removed \
+             is not known)"
+        )),
+        None => None,
+    }
+}
+
 /// Continues the run in `output` from its newest complete checkpoint (falling back to an
 /// older one when the newest is damaged).
 pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Result<RunSummary> {
@@ -449,6 +534,7 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
     let mut filtered = Filtered::new(events, cfg.output.log_level);
     let events: &mut dyn Events = &mut filtered;
     let (optim, _) = optim_file(&cfg, Some(&dir.root))?;
+    check_optim_in_dtype(&cfg, &optim)?;
     let (dataset, templates) = prepare_data(&cfg, &dir, events)?;
     let device = cfg.training.device.open()?;
     let dtype = dtype_of(&cfg);
@@ -463,31 +549,127 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
         );
     }
     let mut restored = None;
+    let mut newest_error = None;
     for (step, path) in &checkpoints {
         match restore(&dir, path, &cfg, dtype, &device) {
             Ok(r) => {
                 restored = Some(r);
                 break;
             }
-            Err(e) => events.log(
-                Level::Warn,
-                &format!(
-                    "checkpoint of step {step} ({}) cannot be used: {e:#}; falling back to the previous one",
-                    path.display()
-                ),
-            ),
+            Err(e) => {
+                events.log(
+                    Level::Warn,
+                    &format!(
+                        "checkpoint of step {step} ({}) cannot be used: {e:#}; falling back to the previous one",
+                        path.display()
+                    ),
+                );
+                newest_error.get_or_insert(format!("{e:#}"));
+            }
         }
     }
-    let Some((model, trainer, state)) = restored else {
+    let Some(Restored {
+        model,
+        mut trainer,
+        mut state,
+        data,
+        notes,
+    }) = restored
+    else {
         bail!(
-            "no checkpoint in {} could be restored",
-            dir.checkpoints().display()
+            "no checkpoint in {} could be restored (the newest: {})",
+            dir.checkpoints().display(),
+            newest_error.unwrap_or_default()
         );
     };
+    for note in notes {
+        events.log(Level::Warn, &format!("{}: {note}", cfg_path.display()));
+    }
     let mut sampler = BatchSampler::new(&dataset, cfg.training.batch_size, cfg.training.seed)?;
+    let spe = sampler.batches_per_epoch() as u64;
+    if let Some(why) = data_order_change(&dataset, data.as_ref(), state.steps_per_epoch, spe) {
+        // The saved position indexes an order of the old set: the new set starts a new epoch.
+        let was = state.sampler;
+        state.sampler = SamplerState {
+            epoch: if was.position > 0 {
+                was.epoch + 1
+            } else {
+                was.epoch
+            },
+            position: 0,
+        };
+        events.log(
+            Level::Warn,
+            &format!(
+                "{why} since the checkpoint of step {}: training goes on with the data as it is \
+                 now ({} images, {spe} batches per epoch) from the start of epoch {}{}",
+                state.global_step,
+                dataset.len(),
+                state.sampler.epoch,
+                if was.position > 0 {
+                    format!(
+                        " (the last {} batches of epoch {}'s order, drawn from the old set, are \
+                         not trained)",
+                        state.steps_per_epoch.saturating_sub(was.position as u64),
+                        was.epoch
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        );
+    }
     sampler
         .restore(state.sampler)
         .context("the data changed since the checkpoint")?;
+    let (planned, total) = run_length(&cfg, spe).with_context(|| cfg_path.display().to_string())?;
+    if total < state.global_step {
+        bail!(
+            "{}: {} makes the run {total} steps long, but its newest usable checkpoint is at \
+             step {}: nothing is left to train; raise training.max_steps or training.n_epochs \
+             to continue it",
+            cfg_path.display(),
+            length_source(&cfg, planned, spe),
+            state.global_step
+        );
+    }
+    if total != state.total_steps {
+        let schedule = if trainer.set_run_length(total) {
+            let lr = trainer.scheduler().lr();
+            let floor = trainer
+                .scheduler()
+                .learning_rates()
+                .into_iter()
+                .find(|(k, _)| *k == "eta_min")
+                .map_or(0.0, |(_, v)| v);
+            if lr <= floor {
+                format!(
+                    "the vae's CosineAnnealingLR, whose learning rate has reached its eta_min \
+                     {floor:e}, stays there to step {total}"
+                )
+            } else {
+                format!(
+                    "the vae's CosineAnnealingLR now reaches its eta_min {floor:e} at step \
+                     {total}, going on from its current learning rate {lr:e} without a jump"
+                )
+            }
+        } else {
+            format!(
+                "the vae's {} keeps its saved settings",
+                trainer.scheduler().kind()
+            )
+        };
+        events.log(
+            Level::Warn,
+            &format!(
+                "the run's length changed from {} to {total} steps ({} in {}): training goes \
+                 on to step {total}, and {schedule}",
+                state.total_steps,
+                length_source(&cfg, planned, spe),
+                cfg_path.display()
+            ),
+        );
+    }
     let session_path = dir.graph().join("session.json");
     let mut session = Session::load(&session_path).unwrap_or_default();
     session.mark_resumed(state.global_step);
@@ -500,7 +682,7 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
             "resuming {} at step {} of {} (epoch {}, batch {})",
             dir.root.display(),
             state.global_step,
-            state.total_steps,
+            total,
             state.sampler.epoch,
             state.sampler.position
         ),
@@ -522,6 +704,7 @@ pub fn resume(output: &Path, events: &mut dyn Events, stop: &StopSignal) -> Resu
         session,
         other_lrs: other,
         state: Some(state),
+        total,
     };
     run.run(events, stop, false)
 }

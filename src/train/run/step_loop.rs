@@ -47,6 +47,9 @@ pub(super) struct Run {
     pub bad_files: u64,
     /// The restored loop state (None for a new run).
     pub state: Option<LoopState>,
+    /// The run's length in steps: from the configuration and the data (a resumed run's
+    /// configuration may have changed it since its checkpoint).
+    pub total: u64,
 }
 
 /// The latent noise of a step: a stream seeded by (seed, global step), so a resumed run draws
@@ -202,7 +205,9 @@ impl Run {
         fresh: bool,
     ) -> Result<RunSummary> {
         let session_start = Instant::now();
-        let window = (2 * self.cfg.output.log_interval as usize).max(10);
+        let window = (self.cfg.output.log_interval as usize)
+            .saturating_mul(2)
+            .max(10);
         let mut n = match &self.state {
             Some(s) => Counters {
                 global_step: s.global_step,
@@ -228,16 +233,8 @@ impl Run {
             },
         };
         let spe = self.sampler.batches_per_epoch() as u64;
-        let planned = self.cfg.training.n_epochs * spe;
-        let total = self.state.as_ref().map_or_else(
-            || {
-                self.cfg
-                    .training
-                    .max_steps
-                    .map_or(planned, |m| m.min(planned))
-            },
-            |s| s.total_steps,
-        );
+        let planned = self.cfg.training.n_epochs.saturating_mul(spe);
+        let total = self.total;
         let workers = self.cfg.training.workers.max(1);
         let mut loader = Loader::new(
             &self.dataset,

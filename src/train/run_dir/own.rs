@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use super::{
-    CONFIG_FILE, LOCK_FILE, MODEL_FILE, OPTIM_FILE, REFERENCE_LR_FILE, REFERENCE_STATE_FILE,
-    STATE_FILE, TRAINER_FILE,
+    CONFIG_FILE, IMAGES_FILE, LOCK_FILE, MODEL_FILE, OPTIM_FILE, REFERENCE_LR_FILE,
+    REFERENCE_STATE_FILE, STATE_FILE, TRAINER_FILE,
 };
 use crate::report::charts::PLOT_FILES;
 use crate::weights::TEXT_FILE;
@@ -47,7 +47,7 @@ const ROOT_FILES: [&str; 6] = [
 ];
 
 /// Files of a checkpoint folder.
-const CHECKPOINT_FILES: [&str; 4] = [MODEL_FILE, TEXT_FILE, TRAINER_FILE, STATE_FILE];
+const CHECKPOINT_FILES: [&str; 5] = [MODEL_FILE, TEXT_FILE, TRAINER_FILE, STATE_FILE, IMAGES_FILE];
 
 /// Files a run (its metrics log and its report) writes in `graph/`, besides the plots.
 const GRAPH_FILES: [&str; 4] = [

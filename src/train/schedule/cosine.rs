@@ -81,4 +81,66 @@ impl CosineAnnealingLr {
     pub fn last_epoch(&self) -> u64 {
         self.last_epoch
     }
+
+    /// Checks a restored state's fields (by their saved names).
+    pub(super) fn check_state(&self, c: &Checker) -> Result<()> {
+        c.check("t_max", self.t_max as f64, self.t_max > 0, "> 0")?;
+        c.positive("base_lr", self.base_lr)?;
+        c.non_negative("eta_min", self.eta_min)?;
+        c.non_negative("lr", self.lr)
+    }
+
+    /// The learning rates it holds, by their saved names.
+    pub(super) fn rates(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("base_lr", self.base_lr),
+            ("eta_min", self.eta_min),
+            ("lr", self.lr),
+        ]
+    }
+
+    /// The schedule's length, `T_max`.
+    pub fn t_max(&self) -> u64 {
+        self.t_max
+    }
+
+    /// Sets `T_max` (a run whose length changed): the chainable form continues from the
+    /// current learning rate, without a jump, and reaches `eta_min` at the new `T_max`. This is
+    /// what PyTorch computes after `scheduler.T_max = t_max`, or for a CosineAnnealingLR
+    /// created at the current step from the optimizer's current learning rate.
+    pub fn set_t_max(&mut self, t_max: u64) {
+        self.t_max = t_max.max(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_longer_t_max_continues_from_the_current_lr_and_ends_at_eta_min() {
+        let mut s = CosineAnnealingLr::new("vae", 1.0, 8, 0.1).unwrap();
+        for _ in 0..4 {
+            s.step();
+        }
+        let at4 = s.lr();
+        s.set_t_max(16);
+        let mut prev = at4;
+        for k in 5..=16u32 {
+            s.step();
+            // (lr_k - eta_min) = (lr_4 - eta_min) (1 + cos(pi k / 16)) / (1 + cos(pi 4 / 16)):
+            // no jump at the change, falling to eta_min at the new end.
+            let want = 0.1
+                + (at4 - 0.1) * (1.0 + (PI * k as f64 / 16.0).cos())
+                    / (1.0 + (PI * 4.0 / 16.0).cos());
+            assert!(
+                (s.lr() - want).abs() < 1e-12,
+                "step {k}: {} vs {want}",
+                s.lr()
+            );
+            assert!(s.lr() < prev);
+            prev = s.lr();
+        }
+        assert!((s.lr() - 0.1).abs() < 1e-12);
+    }
 }

@@ -58,6 +58,15 @@ impl LinearLr {
         })
     }
 
+    /// Checks a restored state's fields (by their saved names).
+    pub(super) fn check_state(&self, c: &Checker) -> Result<()> {
+        let start_ok = self.start_factor > 0.0 && self.start_factor <= 1.0;
+        c.check("start_factor", self.start_factor, start_ok, "in (0, 1]")?;
+        let end_ok = (0.0..=1.0).contains(&self.end_factor);
+        c.check("end_factor", self.end_factor, end_ok, "in [0, 1]")?;
+        c.non_negative("lr", self.lr)
+    }
+
     /// One `scheduler.step()`, after an optimizer step.
     pub fn step(&mut self) {
         self.last_epoch += 1;
@@ -114,6 +123,12 @@ impl ExponentialLr {
             lr: initial_lr,
             last_epoch: 0,
         })
+    }
+
+    /// Checks a restored state's fields (by their saved names).
+    pub(super) fn check_state(&self, c: &Checker) -> Result<()> {
+        c.positive("gamma", self.gamma)?;
+        c.non_negative("lr", self.lr)
     }
 
     /// One `scheduler.step()`, after an optimizer step.
@@ -179,6 +194,13 @@ impl ConstantLr {
         })
     }
 
+    /// Checks a restored state's fields (by their saved names).
+    pub(super) fn check_state(&self, c: &Checker) -> Result<()> {
+        let factor_ok = self.factor > 0.0 && self.factor <= 1.0;
+        c.check("factor", self.factor, factor_ok, "in (0, 1]")?;
+        c.non_negative("lr", self.lr)
+    }
+
     /// One `scheduler.step()`, after an optimizer step.
     pub fn step(&mut self) {
         self.last_epoch += 1;
@@ -240,6 +262,14 @@ impl StepLr {
             lr: initial_lr,
             last_epoch: 0,
         })
+    }
+
+    /// Checks a restored state's fields (by their saved names).
+    pub(super) fn check_state(&self, c: &Checker) -> Result<()> {
+        let size_ok = self.step_size > 0;
+        c.check("step_size", self.step_size as f64, size_ok, "> 0")?;
+        c.positive("gamma", self.gamma)?;
+        c.non_negative("lr", self.lr)
     }
 
     /// One `scheduler.step()`, after an optimizer step.

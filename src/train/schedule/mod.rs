@@ -187,6 +187,59 @@ impl Scheduler {
         }
     }
 
+    /// The PyTorch class name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::CosineAnnealing(_) => "CosineAnnealingLR",
+            Self::Linear(_) => "LinearLR",
+            Self::Exponential(_) => "ExponentialLR",
+            Self::Constant(_) => "ConstantLR",
+            Self::Step(_) => "StepLR",
+            Self::ReduceOnPlateau(_) => "ReduceLROnPlateau",
+        }
+    }
+
+    /// Checks a restored (deserialised) state: every setting in its domain and every learning
+    /// rate finite and non-negative; errors name `model` and the field by its saved name.
+    pub fn check_state(&self, model: &str) -> Result<()> {
+        let c = Checker {
+            model,
+            scheduler: self.kind(),
+        };
+        match self {
+            Self::CosineAnnealing(s) => s.check_state(&c),
+            Self::Linear(s) => s.check_state(&c),
+            Self::Exponential(s) => s.check_state(&c),
+            Self::Constant(s) => s.check_state(&c),
+            Self::Step(s) => s.check_state(&c),
+            Self::ReduceOnPlateau(s) => s.check_state(&c),
+        }
+    }
+
+    /// The learning rates the state holds, by their saved names (`lr`, and `base_lr`,
+    /// `eta_min` or `min_lr` where the scheduler has them).
+    pub fn learning_rates(&self) -> Vec<(&'static str, f64)> {
+        match self {
+            Self::CosineAnnealing(s) => s.rates(),
+            Self::ReduceOnPlateau(s) => s.rates(),
+            other => vec![("lr", other.lr())],
+        }
+    }
+
+    /// Fits the schedule to a run whose length changed to `total_steps`: CosineAnnealingLR,
+    /// whose `T_max` is the run's length, continues from its current learning rate to reach
+    /// `eta_min` at the new end (see [`CosineAnnealingLr::set_t_max`]); returns whether it
+    /// changed. The other schedulers keep their saved settings.
+    pub fn set_run_length(&mut self, total_steps: u64) -> bool {
+        match self {
+            Self::CosineAnnealing(s) if s.t_max() != total_steps => {
+                s.set_t_max(total_steps);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Number of steps taken.
     pub fn last_epoch(&self) -> u64 {
         match self {

@@ -107,6 +107,22 @@ impl ReduceLrOnPlateau {
         })
     }
 
+    /// Checks a restored state's fields (by their saved names).
+    pub(super) fn check_state(&self, c: &Checker) -> Result<()> {
+        let factor_ok = (0.0..1.0).contains(&self.factor);
+        c.check("factor", self.factor, factor_ok, "in [0, 1)")?;
+        c.non_negative("threshold", self.threshold)?;
+        c.non_negative("min_lr", self.min_lr)?;
+        c.non_negative("eps", self.eps)?;
+        c.check("best", self.best, !self.best.is_nan(), "a number")?;
+        c.non_negative("lr", self.lr)
+    }
+
+    /// The learning rates it holds, by their saved names.
+    pub(super) fn rates(&self) -> Vec<(&'static str, f64)> {
+        vec![("min_lr", self.min_lr), ("lr", self.lr)]
+    }
+
     fn is_better(&self, a: f64) -> bool {
         let (best, t) = (self.best, self.threshold);
         match (self.mode, self.threshold_mode) {
