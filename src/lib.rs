@@ -1,8 +1,8 @@
 //! fluxflow: the FluxFlow VAE (Bezier-activation image autoencoder) on candle.
 //!
 //! `model` ports the PyTorch reference (fluxflow-core) layer for layer, `weights` reads and
-//! writes its safetensors files, `train` holds the training machinery (`train::run` the run loop
-//! and its checkpoints), `config` the training configuration, `data` the image folder pipeline,
+//! writes its safetensors files, `train` holds the training machinery, `run` the run loop and its
+//! checkpoints, `config` the training configuration, `data` the image folder pipeline,
 //! `image_io` the image conversions used by the commands, `report` the summary, plots and sample
 //! galleries of a run, `kernels` the custom ops (CPU and CUDA side by side per op), `memory` the
 //! memory estimate and budget, `paths` the path comparisons that keep an output off an input and
@@ -25,5 +25,6 @@ pub mod paths;
 pub mod quality;
 pub mod report;
 pub mod resize_rule;
+pub mod run;
 pub mod train;
 pub mod weights;

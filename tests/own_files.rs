@@ -355,7 +355,7 @@ fn force_deletes_only_the_files_of_the_runs_own_manifest() {
     let metrics = std::fs::read_to_string(run.join("graph/training_metrics.jsonl")).unwrap();
     assert!(!metrics.contains("\"global_step\":3"), "old rows kept");
     // A folder left empty is removed, one holding foreign files stays.
-    let contents = fluxflow::train::run_dir::own::inspect(&run).unwrap();
+    let contents = fluxflow::run::dir::own::inspect(&run).unwrap();
     assert_eq!(
         contents.foreign.len(),
         6,
@@ -369,7 +369,7 @@ fn a_finished_run_holds_only_files_it_knows_as_its_own() {
     let dir = tmpdir("known");
     let run = dir.join("run");
     quick_run(&run);
-    let c = fluxflow::train::run_dir::own::inspect(&run).unwrap();
+    let c = fluxflow::run::dir::own::inspect(&run).unwrap();
     assert!(c.is_run());
     assert!(c.foreign.is_empty(), "unknown files: {:?}", c.foreign);
     assert!(c.run_files.len() > 20, "{:?}", c.run_files);

@@ -469,7 +469,7 @@ fn a_second_interrupt_exits_at_once_leaving_the_last_checkpoint_intact() {
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(130), "{}", text(&o));
     let r = dir.join("run");
-    let runs = fluxflow::train::run_dir::RunDir::new(&r);
+    let runs = fluxflow::run::dir::RunDir::new(&r);
     let ckpts = runs.list().unwrap();
     assert!(!ckpts.is_empty());
     for (_, c) in &ckpts {

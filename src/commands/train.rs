@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cli::{ReportArgs, ResumeArgs, TrainArgs};
 use crate::config::{Config, Overrides, QUICKSTART};
-use crate::train::run::{self, Events, Level, Progress, RunSummary, StopReason, StopSignal};
+use crate::run::{self, Events, Level, Progress, RunSummary, StopReason, StopSignal};
 
 /// Log lines to stderr; a progress bar when stderr is a terminal, else a line per log_interval.
 struct Terminal {

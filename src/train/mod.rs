@@ -8,8 +8,6 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod precision;
-pub mod run;
-pub mod run_dir;
 pub mod sample;
 pub mod schedule;
 pub mod step;

@@ -4,7 +4,7 @@
 //!
 //! Words: a *weights file* is any safetensors file of tensors; the *model file*
 //! (`flxflow_final.safetensors`) and the *text projection file* (`text_encoder.safetensors`)
-//! are the reference's two; a *checkpoint* is a run's saved state (`train::run::checkpoint`),
+//! are the reference's two; a *checkpoint* is a run's saved state (`run::checkpoint`),
 //! and recomputing activations in the backward pass is *recomputation* (`model::recompute`).
 
 pub mod detect;

@@ -20,7 +20,7 @@ use anyhow::{anyhow, Context, Result};
 
 use super::events::{Events, Level};
 use crate::atomic_write::write_atomic;
-use crate::train::run_dir::RunDir;
+use crate::run::dir::RunDir;
 
 /// One checkpoint, serialised.
 pub struct Snapshot {

@@ -20,10 +20,10 @@ use crate::data::{BatchSampler, Dataset, Loader, LoaderConfig, SamplerState};
 use crate::eval::{evaluate, EvalSet};
 use crate::model::{FluxModel, Noise, DIFFUSER, TEXT};
 use crate::params::ParamStore;
+use crate::run::dir::RunDir;
 use crate::train::adaptive::RollingMean;
 use crate::train::loss::kl_beta;
 use crate::train::metrics::{MetricsLog, Session};
-use crate::train::run_dir::RunDir;
 use crate::train::sample::{write_samples, Template};
 use crate::train::step::{Skip, StepOutcome, VaeTrainer};
 

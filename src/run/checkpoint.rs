@@ -26,8 +26,8 @@ use crate::config::Config;
 use crate::data::DataRecord;
 use crate::model::{FluxModel, ModelConfig, DIFFUSER, TEXT};
 use crate::params::ParamStore;
+use crate::run::dir::{RunDir, REFERENCE_LR_FILE, REFERENCE_STATE_FILE, STATE_FILE};
 use crate::train::optim;
-use crate::train::run_dir::{RunDir, REFERENCE_LR_FILE, REFERENCE_STATE_FILE, STATE_FILE};
 use crate::train::step::{vae_params, VaeTrainer};
 use crate::weights::model_file::model_file_bytes;
 use crate::weights::{
@@ -35,7 +35,7 @@ use crate::weights::{
     to_safetensors_bytes_exact, TEXT_FILE,
 };
 
-pub use crate::train::run_dir::{IMAGES_FILE, MODEL_FILE, TRAINER_FILE};
+pub use crate::run::dir::{IMAGES_FILE, MODEL_FILE, TRAINER_FILE};
 
 /// The loop state of `state.json` at any version this build reads, as the current version;
 /// also the version it was written at.

@@ -4,6 +4,7 @@
 
 mod checkpoint;
 mod checks;
+pub mod dir;
 mod events;
 mod resume_settings;
 mod setup;
